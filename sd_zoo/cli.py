@@ -1,0 +1,55 @@
+"""The ``sd-zoo`` command: one subcommand per workflow (train, eval, export, validate, hub, schedule).
+
+Each workflow module owns its arguments through ``add_parser(subparsers)``, which registers a
+subparser and sets ``func`` to the function that runs it; this file only wires them together.
+"""
+import argparse
+import importlib
+import sys
+
+from .errors import SDZooError
+
+# Modules that contribute subcommands, in the order they appear in ``sd-zoo --help``.
+_COMMAND_MODULES = (
+    'sd_zoo.train',
+    'sd_zoo.evaluate',
+    'sd_zoo.onnx_export',
+    'sd_zoo.onnx_validate',
+    'sd_zoo.hub',
+    'sd_zoo.demo',
+    'sd_zoo.schedule_plot',
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='sd-zoo',
+        description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.',
+    )
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name in _COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except SDZooError as e:
+        print(f'sd-zoo {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

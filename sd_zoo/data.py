@@ -1,0 +1,327 @@
+"""CIFAR data for training and evaluation: find the files, decode them once, split, and augment on the device.
+
+Datasets (``load_split(name, split)`` returns uint8 images [N, 32, 32, 3] (HWC, RGB) and int64 labels):
+
+* ``cifar10``, ``cifar100``: the lossless originals in torchvision's layout (``cifar-10-batches-py/``,
+  ``cifar-100-python/``), the paper's setting;
+* ``cifar10-jpeg75``, ``cifar100-jpeg75``: JPEG quality-75 copies (``train|test/<class>/*.jpg`` in a
+  tar.gz). JPEG loses information, so their accuracies are not comparable with the paper's numbers:
+  quote them as "CIFAR-10 (JPEG-75 copy)". Decoded once and cached as .npz under ``$SD_ZOO_CACHE``
+  (default ``~/.cache/sd_zoo``), keyed by the archive's sha256;
+* ``cifar10-lossless4000``: the first 4,000 lossless CIFAR-10 training images (train split only).
+
+Files are looked up in ``$SD_ZOO_DATA``, by default ``../shared/data`` next to the repository checkout.
+
+Training follows the paper: 45k/5k train/validation split of the training set with a fixed seed,
+4-pixel zero padding + random 32x32 crop + horizontal flip, done batched on tensors by :class:`Loader`.
+"""
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataNotFoundError
+
+# Published statistics of the lossless training sets (the JPEG copies are within 0.003 of them).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+VAL_SIZE = 5000  # the paper holds out 5,000 training images for validation
+SPLIT_SEED = 0   # fixed, so every run (any training seed) validates on the same 5,000 images
+PAD = 4
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    source: str        # file or folder name under the data root
+    kind: str          # 'pickle' (torchvision layout), 'jpeg' (tar.gz of class folders) or 'npz'
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    splits: Tuple[str, ...] = ('train', 'test')
+
+
+DATASETS: Dict[str, DatasetInfo] = {
+    'cifar10': DatasetInfo(10, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
+    'cifar100': DatasetInfo(100, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
+    'cifar10-jpeg75': DatasetInfo(10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD),
+    'cifar100-jpeg75': DatasetInfo(100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD),
+    'cifar10-lossless4000': DatasetInfo(
+        10, 'cifar10-train-first4000-lossless.npz', 'npz', CIFAR10_MEAN, CIFAR10_STD, splits=('train',)),
+}
+
+# Files of torchvision's pickled layout, per split.
+_PICKLE_FILES = {
+    'cifar-10-batches-py': dict(train=[f'data_batch_{i}' for i in range(1, 6)], test=['test_batch'], labels='labels'),
+    'cifar-100-python': dict(train=['train'], test=['test'], labels='fine_labels'),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ConfigError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+    return DATASETS[name]
+
+
+def num_classes(name: str) -> int:
+    return dataset_info(name).num_classes
+
+
+def data_root() -> Path:
+    """``$SD_ZOO_DATA``, else ``../shared/data`` beside the checkout (or beside the working directory)."""
+    if os.environ.get('SD_ZOO_DATA'):
+        return Path(os.environ['SD_ZOO_DATA']).expanduser()
+    checkout = Path(__file__).resolve().parent.parent
+    base = checkout if (checkout / 'pyproject.toml').exists() else Path.cwd()
+    return base.parent / 'shared' / 'data'
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get('SD_ZOO_CACHE') or Path.home() / '.cache' / 'sd_zoo').expanduser()
+
+
+def load_split(name: str, split: str, root: Optional[os.PathLike] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and labels int64 [N] of one split, in dataset order."""
+    info = dataset_info(name)
+    if split not in info.splits:
+        raise ConfigError(f'dataset {name} has no {split!r} split (it has: {", ".join(info.splits)})')
+    root = Path(root) if root is not None else data_root()
+    path = root / info.source
+    if not path.exists():
+        raise DataNotFoundError(
+            f'dataset {name}: expected {"folder" if info.kind == "pickle" else "file"} {path} '
+            f'(not found). Put {info.source} in the data folder or point the environment variable '
+            f'SD_ZOO_DATA at the folder holding it (now: {root}).')
+    if info.kind == 'pickle':
+        x, y = _read_pickle_split(path, split)
+    elif info.kind == 'npz':
+        x, y = _read_npz(path)
+    else:
+        x, y = _cached_jpeg_archive(path, info.num_classes)[split]
+    _check_arrays(x, y, info.num_classes, f'{name} {split} ({path})')
+    return x, y.astype(np.int64)
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray, n_classes: int, what: str) -> None:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
+        raise DataNotFoundError(f'{what}: expected uint8 images [N, 32, 32, 3] with N labels, '
+                                f'got {x.dtype} {x.shape} and {len(y)} labels; the files are corrupt')
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise DataNotFoundError(f'{what}: labels outside [0, {n_classes}); the files are corrupt')
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batch files: numpy array reconstruction and builtins only, nothing executable."""
+    _ALLOWED = {
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a CIFAR batch file')
+        # numpy 2 moved numpy.core to numpy._core; old pickles name the old path.
+        return super().find_class(module.replace('numpy.core.', 'numpy._core.'), name)
+
+
+def _read_pickle_split(folder: Path, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    layout = _PICKLE_FILES[folder.name]
+    xs, ys = [], []
+    for fname in layout[split]:
+        path = folder / fname
+        try:
+            with open(path, 'rb') as f:
+                batch = _ArrayUnpickler(f, encoding='latin1').load()
+            data, labels = np.asarray(batch['data'], dtype=np.uint8), batch[layout['labels']]
+        except FileNotFoundError:
+            raise DataNotFoundError(f'{path} is missing; {folder} must hold {", ".join(layout[split])}') from None
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise DataNotFoundError(f'{path} is not a readable CIFAR batch file ({e})') from None
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(labels, dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+
+def _read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f['x'], f['y'].astype(np.int64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise DataNotFoundError(f'{path} is not a readable .npz with arrays x and y ({e})') from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(archive: Path, digest: str) -> Path:
+    stem = archive.name.split('.')[0]
+    return cache_dir() / f'{stem}-{digest[:16]}.npz'
+
+
+def _cached_jpeg_archive(archive: Path, n_classes: int) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Both splits of a JPEG archive, from the cache when it matches the archive's sha256."""
+    digest = sha256_file(archive)
+    cache = cache_path(archive, digest)
+    try:
+        with np.load(cache, allow_pickle=False) as f:
+            if str(f['sha256']) != digest:
+                raise ValueError('sha256 mismatch')
+            splits = {s: (f[f'{s}_x'], f[f'{s}_y']) for s in ('train', 'test')}
+        for s, (x, y) in splits.items():
+            _check_arrays(x, y, n_classes, f'cache {cache}')
+        return splits
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, DataNotFoundError) as e:
+        print(f'sd-zoo: rebuilding unreadable cache {cache} ({e})')
+    print(f'sd-zoo: decoding {archive.name} once (cached as {cache})')
+    splits = _decode_jpeg_archive(archive, n_classes)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename, so a concurrent reader (another DDP rank, another run) never sees half a file.
+    tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
+    with open(tmp, 'wb') as f:
+        np.savez(f, sha256=np.array(digest), **{f'{s}_{k}': a for s, (x, y) in splits.items()
+                                                  for k, a in (('x', x), ('y', y))})
+    os.replace(tmp, cache)
+    return splits
+
+
+def _decode_jpeg_archive(archive: Path, n_classes: int) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = {}  # (split, class, file name) -> decoded image
+    try:
+        with tarfile.open(archive, 'r:gz') as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if not member.isfile() or len(parts) != 3 or parts[0] not in ('train', 'test'):
+                    continue
+                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                    files[parts] = np.asarray(im.convert('RGB'))
+    except (tarfile.TarError, EOFError, zlib.error, OSError, UnidentifiedImageError) as e:
+        raise DataNotFoundError(f'{archive} is corrupt or truncated ({type(e).__name__}: {e}); '
+                                f'copy it again (PROVENANCE.md lists its sha256)') from None
+    splits = {}
+    for split in ('train', 'test'):
+        keys = sorted(k for k in files if k[0] == split)
+        # Alphabetical class folders are the standard label order of both datasets.
+        classes = sorted({k[1] for k in keys})
+        if len(classes) != n_classes:
+            raise DataNotFoundError(f'{archive}: expected {n_classes} class folders under {split}/, '
+                                    f'found {len(classes)}; is this the right archive?')
+        if any(files[k].shape != (32, 32, 3) for k in keys):
+            raise DataNotFoundError(f'{archive}: every image must be 32x32 RGB')
+        label = {c: i for i, c in enumerate(classes)}
+        splits[split] = (np.stack([files[k] for k in keys]), np.array([label[k[1]] for k in keys], np.int64))
+    return splits
+
+
+def train_val_split(n: int, val_size: int = VAL_SIZE, seed: int = SPLIT_SEED) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the training and validation parts of a training set of n images."""
+    if not 0 <= val_size < n:
+        raise ConfigError(f'validation size {val_size} must lie in [0, {n}) for a training set of {n} images')
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def balanced_subset(labels: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
+    """The first ``size`` of ``indices`` taken class by class: n // C per class, the remainder to the lowest labels."""
+    n_classes = int(labels.max()) + 1
+    per_class, extra = divmod(size, n_classes)
+    picked = []
+    for c in range(n_classes):
+        of_class = indices[labels[indices] == c]
+        want = per_class + (c < extra)
+        if len(of_class) < want:
+            raise ConfigError(f'train subset of {size}: class {c} has only {len(of_class)} training images')
+        picked.append(of_class[:want])
+    return np.sort(np.concatenate(picked))
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and standardised per channel."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by 4, crop 32x32 at ``offsets`` [B, 2] (row, col in 0..8), mirror where ``flips`` [B].
+
+    Applied after normalisation, so the padding is the mean colour, as in fb.resnet.torch, which the
+    paper's code builds on. One gather for the whole batch, no per-image Python.
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD))
+    offsets, flips = offsets.to(x.device), flips.to(x.device)
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # [B, W]
+    # A mirrored crop reads its columns right to left.
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's shuffle and augmentation: a resumed run replays the same batches."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class Loader:
+    """Batches from a uint8 image set held as one tensor on the device.
+
+    With ``train=True`` each epoch is a fresh shuffle (incomplete last batch dropped) with the paper's
+    augmentation; otherwise batches follow dataset order, unaugmented. ``batch_size`` is the global
+    batch: under DDP every rank draws the same order and augmentation and keeps its slice ``rank`` of
+    ``world_size``, so the run sees the same data whatever the number of processes.
+    """
+
+    def __init__(self, images, labels, batch_size: int, mean, std, train: bool = False, seed: int = 0,
+                 device='cpu', rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        self.images = torch.as_tensor(images).to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        gen = epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.train:
+                offsets = torch.randint(0, 2 * PAD + 1, (len(idx), 2), generator=gen)
+                flips = torch.rand(len(idx), generator=gen) < 0.5
+            keep = torch.arange(len(idx)).tensor_split(self.world_size)[self.rank]
+            idx = idx[keep].to(self.images.device)
+            x = normalize(self.images[idx], self.mean, self.std)
+            if self.train:
+                x = augment(x, offsets[keep], flips[keep])
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]

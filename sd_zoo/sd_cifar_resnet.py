@@ -1,0 +1,243 @@
+"""CIFAR ResNets with stochastic depth, as in the paper's code (He et al. 2016 CIFAR nets, option A).
+
+Three stages of ``n`` basic blocks with 16, 32 and 64 channels; post-activation blocks
+Conv3x3-BN-ReLU-Conv3x3-BN, add, ReLU; stem Conv3x3-BN-ReLU; at the two transitions the shortcut is a
+stride-2 average pooling with a 1x1 window (a subsampling, as fb.resnet.torch and the paper's code) and
+zero channel padding, so no parameters; global average pooling and a linear classifier. Depth is
+``6n + 2``: ResNet-110 has n = 18 (54 blocks, about 1.7M parameters), ResNet-1202 n = 200 (about 19.4M).
+The SVHN net of the paper is the same net with n = 25 (152 layers), registered as ``sd_svhn_resnet152``
+so that it cannot be confused with the ImageNet ``sd_resnet152``.
+
+Every block, transitions included, carries a stochastic-depth gate (``stochastic_depth.py``); by default
+``p_L = 0.5`` with the paper's linear decay.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import create_classifier, get_act_layer, get_norm_layer, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
+
+from .errors import ConfigError
+from .pretrained import cifar_cfg
+from .sd_resnet_base import SDResNetBase, create_sd_model
+from .stochastic_depth import ResidualGateMixin, StochasticDepth
+
+__all__ = ['SDCifarResNet', 'CifarBasicBlock', 'ZeroPadShortcut']
+
+
+class ZeroPadShortcut(nn.Module):
+    """Parameter-free transition shortcut: subsample by ``stride`` and pad the new channels with zeros."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.pool = nn.AvgPool2d(kernel_size=1, stride=stride) if stride > 1 else nn.Identity()
+        self.pad_chs = out_chs - in_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        if self.pad_chs > 0:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad_chs))
+        return x
+
+
+@register_notrace_module  # FX keeps the gate (Python control flow) inside a leaf module
+class CifarBasicBlock(ResidualGateMixin, nn.Module):
+    """Post-activation basic block ``act(shortcut(x) + gate * bn2(conv2(act(bn1(conv1(x))))))``."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            survival_prob: float = 1.0,
+            gate: str = 'batch',
+            rule: str = 'paper',
+            act_layer=nn.ReLU,
+            norm_layer=nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        dd = dict(device=device, dtype=dtype)
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(out_chs, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(out_chs, **dd)
+        needs_shortcut = stride != 1 or in_chs != out_chs
+        self.shortcut = ZeroPadShortcut(in_chs, out_chs, stride) if needs_shortcut else nn.Identity()
+        self.act2 = act_layer(inplace=True)
+        self.stochastic_depth = StochasticDepth(survival_prob, gate=gate, rule=rule)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x)
+
+    def forward_branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(x))
+
+    def forward_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(x)
+
+
+class SDCifarResNet(SDResNetBase):
+    """CIFAR ResNet (depth 6n + 2) with stochastic depth.
+
+    Args:
+        blocks_per_stage: n, the number of basic blocks in each of the three stages.
+        num_classes: classifier outputs (0 for none).
+        in_chans: input channels.
+        channels: widths of the three stages.
+        global_pool: timm pooling type of the head.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: 1 - p_L, the drop probability of the last block (0.5 in the paper; 0 = constant depth).
+        sd_schedule: ``'linear'`` (paper) or ``'uniform'`` decay of survival probabilities over blocks.
+        sd_probs: explicit per-block survival probabilities (overrides the two above).
+        sd_gate: ``'batch'`` (paper: one draw per block per mini-batch, dropped branches are not computed)
+            or ``'sample'`` (one draw per sample, as timm's DropPath).
+        sd_rule: ``'paper'`` (eval scales the branch by p_l) or ``'inverted'`` (train divides by p_l).
+        zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper).
+    """
+
+    def __init__(
+            self,
+            blocks_per_stage: int = 18,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            channels: Tuple[int, ...] = (16, 32, 64),
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.5,
+            sd_schedule: str = 'linear',
+            sd_probs: Optional[Sequence[float]] = None,
+            sd_gate: str = 'batch',
+            sd_rule: str = 'paper',
+            act_layer: Union[str, type] = 'relu',
+            norm_layer: Union[str, type] = 'batchnorm2d',
+            zero_init_last: bool = False,
+            drop_block_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if drop_block_rate:
+            raise ConfigError('drop_block_rate is not supported by the CIFAR ResNets; leave it at 0')
+        if len(channels) != 3:
+            raise ConfigError(f'the CIFAR ResNets have 3 stages; got {len(channels)} channel widths')
+        if blocks_per_stage < 1:
+            raise ConfigError(f'blocks_per_stage must be >= 1, got {blocks_per_stage}')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+
+        num_blocks = blocks_per_stage * len(channels)
+        probs = self._init_stochastic_depth(num_blocks, drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+
+        self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(channels[0], **dd)
+        self.act1 = act_layer(inplace=True)
+        self.maxpool = nn.Identity()
+        self.feature_info = [dict(num_chs=channels[0], reduction=1, module='act1')]
+
+        in_chs, reduction, block_idx = channels[0], 1, 0
+        for stage_idx, out_chs in enumerate(channels):
+            stride = 1 if stage_idx == 0 else 2
+            reduction *= stride
+            blocks = []
+            for i in range(blocks_per_stage):
+                blocks.append(CifarBasicBlock(
+                    in_chs, out_chs, stride=stride if i == 0 else 1, survival_prob=probs[block_idx],
+                    gate=sd_gate, rule=sd_rule, act_layer=act_layer, norm_layer=norm_layer, **dd))
+                in_chs = out_chs
+                block_idx += 1
+            self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
+        self.num_stages = len(channels)
+        self.num_features = self.head_hidden_size = channels[-1]
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = False) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, CifarBasicBlock):
+                    m.zero_init_last()
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+def _create(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    return create_sd_model(SDCifarResNet, variant, pretrained, blocks_per_stage=blocks_per_stage, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'sd_resnet20.c10j75': cifar_cfg('sd_resnet20', 'c10j75'),
+    'sd_resnet20.c10j75_cd': cifar_cfg('sd_resnet20', 'c10j75_cd'),
+    'sd_resnet32.c10j75': cifar_cfg('sd_resnet32', 'c10j75'),
+    'sd_resnet44.c10j75': cifar_cfg('sd_resnet44', 'c10j75'),
+    'sd_resnet56.c10j75': cifar_cfg('sd_resnet56', 'c10j75'),
+    'sd_resnet56.c10j75_cd': cifar_cfg('sd_resnet56', 'c10j75_cd'),
+    'sd_resnet110.c10j75': cifar_cfg('sd_resnet110', 'c10j75'),
+    'sd_resnet110.c10j75_cd': cifar_cfg('sd_resnet110', 'c10j75_cd'),
+    'sd_resnet110.c100j75': cifar_cfg('sd_resnet110', 'c100j75', num_classes=100),
+    'sd_resnet1202.c10j75': cifar_cfg('sd_resnet1202', 'c10j75'),
+    'sd_svhn_resnet152.svhn': cifar_cfg('sd_svhn_resnet152', 'svhn', mean=(0.5,) * 3, std=(0.5,) * 3),
+})
+
+
+@register_model
+def sd_resnet20(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-20 (3 x 3 blocks) with stochastic depth."""
+    return _create('sd_resnet20', 3, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet32(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-32 (3 x 5 blocks) with stochastic depth."""
+    return _create('sd_resnet32', 5, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet44(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-44 (3 x 7 blocks) with stochastic depth."""
+    return _create('sd_resnet44', 7, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet56(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-56 (3 x 9 blocks) with stochastic depth."""
+    return _create('sd_resnet56', 9, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet110(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-110 (3 x 18 blocks), the paper's main CIFAR model: p_L = 0.5, linear decay."""
+    return _create('sd_resnet110', 18, pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet1202(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """CIFAR ResNet-1202 (3 x 200 blocks), the paper's 1202-layer net."""
+    return _create('sd_resnet1202', 200, pretrained, **kwargs)
+
+
+@register_model
+def sd_svhn_resnet152(pretrained: bool = False, **kwargs) -> SDCifarResNet:
+    """The paper's SVHN net: the CIFAR ResNet with 3 x 25 basic blocks (152 layers), not ImageNet's ResNet-152."""
+    return _create('sd_svhn_resnet152', 25, pretrained, **kwargs)

@@ -1,0 +1,176 @@
+"""ImageNet ResNets (50, 101, 152) with stochastic depth, in timm's / torchvision's layout.
+
+Bottleneck blocks with projection shortcuts (1x1 conv + BN) at stage transitions, 7x7 stem with max
+pooling, built from timm's own ``Bottleneck`` and ``make_blocks``; each block gets a stochastic-depth
+gate (the paper trains ResNet-152 with p_L = 0.5, linear decay).
+
+Key map for ImageNet ResNet weights: the identity. Parameter and buffer names are those of timm's
+``resnet50/101/152`` and torchvision's ``resnet50/101/152`` (``conv1``, ``bn1``, ``layerS.B.conv1..bn3``,
+``layerS.0.downsample.0/1``, ``fc``); the gates hold no state. :func:`load_imagenet_resnet_weights`
+loads such a state dict strictly and reports any mismatch.
+"""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from timm.layers import create_classifier, get_act_layer, get_norm_layer, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, make_blocks
+
+from .errors import ConfigError, WeightsError
+from .pretrained import LICENSE, PAPER_ID, PAPER_NAME, hub_id
+from .sd_resnet_base import SDResNetBase, create_sd_model
+from .stochastic_depth import ResidualGateMixin, StochasticDepth
+
+__all__ = ['SDImageNetResNet', 'SDBottleneck', 'load_imagenet_resnet_weights']
+
+
+@register_notrace_module
+class SDBottleneck(ResidualGateMixin, Bottleneck):
+    """timm's Bottleneck with a stochastic-depth gate in place of its DropPath."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stochastic_depth = StochasticDepth()
+
+    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward_branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
+        x = self.bn3(self.conv3(self.aa(x)))
+        return self.se(x) if self.se is not None else x
+
+    def forward_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act3(x)
+
+
+class SDImageNetResNet(SDResNetBase):
+    """ImageNet ResNet with bottleneck blocks, projection shortcuts and stochastic depth.
+
+    Args:
+        layers: blocks per stage, e.g. (3, 8, 36, 3) for ResNet-152.
+        drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule: as for :class:`SDCifarResNet`.
+        zero_init_last: zero-initialise each branch's last BatchNorm scale (timm's default for ResNets).
+    """
+
+    def __init__(
+            self,
+            layers: Tuple[int, ...] = (3, 8, 36, 3),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.5,
+            sd_schedule: str = 'linear',
+            sd_probs: Optional[Sequence[float]] = None,
+            sd_gate: str = 'batch',
+            sd_rule: str = 'paper',
+            act_layer: Union[str, type] = 'relu',
+            norm_layer: Union[str, type] = 'batchnorm2d',
+            zero_init_last: bool = True,
+            drop_block_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if drop_block_rate:
+            raise ConfigError('drop_block_rate is not supported by sd-zoo ResNets; leave it at 0')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
+        probs = self._init_stochastic_depth(sum(layers), drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = norm_layer(64, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
+        channels = (64, 128, 256, 512)
+        if len(layers) != 4:
+            raise ConfigError(f'the ImageNet ResNets have 4 stages; got layers={layers}')
+        stages, stage_info = make_blocks(
+            (SDBottleneck,) * len(layers), channels, layers, 64,
+            act_layer=act_layer, norm_layer=norm_layer, **dd)
+        for name, stage in stages:
+            self.add_module(name, stage)
+        self.feature_info.extend(stage_info)
+        self.num_stages = len(layers)
+
+        blocks = [b for _, stage in stages for b in stage]
+        for block, p in zip(blocks, probs):
+            block.stochastic_depth = StochasticDepth(p, gate=sd_gate, rule=sd_rule)
+
+        self.num_features = self.head_hidden_size = channels[-1] * SDBottleneck.expansion
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, SDBottleneck):
+                    m.zero_init_last()
+
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def load_imagenet_resnet_weights(model: SDImageNetResNet, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Load a timm or torchvision ImageNet ResNet state dict (same depth) into ``model``.
+
+    The key map is the identity; a state dict of another depth or family fails with the missing and
+    unexpected keys named.
+    """
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f'state dict does not fit {type(model).__name__}: missing keys {result.missing_keys[:8]}'
+            f'{" ..." if len(result.missing_keys) > 8 else ""}, unexpected keys {result.unexpected_keys[:8]}'
+            f'{" ..." if len(result.unexpected_keys) > 8 else ""}; ImageNet ResNet weights of the same depth '
+            f'(timm resnetNN or torchvision resnetNN) load with the identity key map')
+
+
+def _imagenet_cfg(model_name: str, tag: str) -> Dict:
+    return dict(
+        hf_hub_id=hub_id(model_name, tag), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+        crop_pct=0.875, interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv='conv1', classifier='fc', license=LICENSE, paper_ids=PAPER_ID, paper_name=PAPER_NAME)
+
+
+def _create(variant: str, layers: Tuple[int, ...], pretrained: bool = False, **kwargs) -> SDImageNetResNet:
+    return create_sd_model(SDImageNetResNet, variant, pretrained, feature_levels=5, layers=layers, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'sd_resnet50.in1k': _imagenet_cfg('sd_resnet50', 'in1k'),
+    'sd_resnet101.in1k': _imagenet_cfg('sd_resnet101', 'in1k'),
+    'sd_resnet152.in1k': _imagenet_cfg('sd_resnet152', 'in1k'),
+})
+
+
+@register_model
+def sd_resnet50(pretrained: bool = False, **kwargs) -> SDImageNetResNet:
+    """ImageNet ResNet-50 with stochastic depth."""
+    return _create('sd_resnet50', (3, 4, 6, 3), pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet101(pretrained: bool = False, **kwargs) -> SDImageNetResNet:
+    """ImageNet ResNet-101 with stochastic depth."""
+    return _create('sd_resnet101', (3, 4, 23, 3), pretrained, **kwargs)
+
+
+@register_model
+def sd_resnet152(pretrained: bool = False, **kwargs) -> SDImageNetResNet:
+    """ImageNet ResNet-152 with stochastic depth, the paper's ImageNet model."""
+    return _create('sd_resnet152', (3, 8, 36, 3), pretrained, **kwargs)

@@ -1,0 +1,195 @@
+"""The timm model interface shared by the stochastic-depth ResNets (CIFAR and ImageNet families).
+
+A subclass builds ``conv1``, ``bn1``, ``act1``, ``maxpool`` (``nn.Identity`` for CIFAR), the stages
+``layer1..layerN`` of gated residual blocks, ``global_pool`` and ``fc``; this base gives it
+forward_features / forward_head / forward_intermediates, features_only through timm's getter wrapper,
+classifier reset, gradient checkpointing and parameter grouping, and draws the gates of every block at
+the start of each training forward (one RNG call per mini-batch).
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq
+from timm.models._features import feature_take_indices
+
+from .errors import ConfigError, InputShapeError
+from .pretrained import check_weights_available, resolve_tag, tag_model_args
+from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
+
+
+def is_tracing() -> bool:
+    """True while FX, TorchScript tracing, dynamo or the ONNX exporter is tracing the model."""
+    return bool(
+        torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
+    """Raise a readable error for a batch that is not (N, in_chans, H, W); a no-op while tracing."""
+    if is_tracing():
+        return
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        hint = ''
+        if x.ndim == 3:
+            hint = ' (a single image? add a batch dimension with x.unsqueeze(0))'
+        elif x.ndim == 4 and x.shape[-1] == in_chans:
+            hint = ' (channels-last layout? use x.permute(0, 3, 1, 2))'
+        raise InputShapeError(
+            f'{model_name} expects a float tensor of shape (N, {in_chans}, H, W), got {tuple(x.shape)}{hint}; '
+            f'for another number of channels build the model with in_chans=C')
+
+
+class SDResNetBase(StochasticDepthMixin, nn.Module):
+    """timm's standard model interface over a stem, ``num_stages`` stages of gated blocks and a head."""
+
+    def _init_stochastic_depth(self, num_blocks, drop_path_rate, schedule, probs, gate, rule) -> List[float]:
+        """Resolve the per-block survival probabilities and record the settings for :meth:`sd_config`."""
+        if gate not in GATES:
+            raise ConfigError(f'unknown sd_gate {gate!r}; choose one of {GATES}')
+        if rule not in RULES:
+            raise ConfigError(f'unknown sd_rule {rule!r}; choose one of {RULES}')
+        resolved = survival_probs(num_blocks, drop_path_rate, schedule if probs is None else probs)
+        self._sd_config = dict(
+            schedule='explicit' if probs is not None else schedule, drop_path_rate=float(drop_path_rate),
+            survival_probs=resolved, gate=gate, rule=rule)
+        return resolved
+
+    def fc_device_dtype(self):
+        w = self.conv1.weight
+        return w.device, w.dtype
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._begin_forward(x)
+        return self.act1(self.bn1(self.conv1(x)))
+
+    @torch.jit.ignore
+    def _stages(self) -> List[nn.Sequential]:
+        return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self._hold_gate_plans(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False):
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        dd = dict(device=self.fc_device_dtype()[0], dtype=self.fc_device_dtype()[1])
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    @torch.jit.ignore
+    def _begin_forward(self, x: torch.Tensor) -> None:
+        """Check the input and, in training, draw this mini-batch's gates for every block."""
+        check_input(x, self.in_chans, getattr(self, 'pretrained_cfg', {}).get('architecture', type(self).__name__))
+        if self.training and not is_tracing():
+            self.plan_gates(x.shape[0])
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stem and of each stage (CIFAR: 4 levels, ImageNet: 5) and optionally the last.
+
+        Args:
+            indices: take the last n levels if int, all if None, or the listed levels.
+            norm: unused (no final norm in a post-activation ResNet), kept for timm's interface.
+            stop_early: stop after the last requested level.
+            output_fmt: only 'NCHW'.
+            intermediates_only: return only the intermediates.
+        """
+        assert output_fmt == 'NCHW', 'Output format must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(self.num_stages + 1, indices)
+        x = self.forward_stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = self._stages()
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(self.num_stages + 1, indices)
+        for i in range(max_index, self.num_stages):
+            setattr(self, f'layer{i + 1}', nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < self.num_stages:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < self.num_stages:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.forward_stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self._stages(), x, flatten=True)
+        return self.forward_stages(x)
+
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages in order; subclasses name them explicitly so that TorchScript can compile it."""
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_levels: int = 4, **kwargs):
+    """Build a registered sd-zoo model through timm, applying the stochastic-depth settings of its tag."""
+    tag = resolve_tag(variant, kwargs.get('pretrained_cfg'))
+    for k, v in tag_model_args(variant, tag).items():
+        kwargs.setdefault(k, v)
+    if pretrained:
+        check_weights_available(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if kwargs.get('features_only'):
+        kwargs.setdefault('out_indices', tuple(range(feature_levels)))
+    return build_model_with_cfg(
+        model_cls, variant, pretrained, feature_cfg=dict(feature_cls='getter'), **kwargs)
