@@ -47,6 +47,7 @@ PAD = 4
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    title: str         # how results on it are quoted
     num_classes: int
     source: str        # file or folder name under the data root
     kind: str          # 'pickle' (torchvision layout), 'jpeg' (tar.gz of class folders) or 'npz'
@@ -56,12 +57,15 @@ class DatasetInfo:
 
 
 DATASETS: Dict[str, DatasetInfo] = {
-    'cifar10': DatasetInfo(10, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
-    'cifar100': DatasetInfo(100, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
-    'cifar10-jpeg75': DatasetInfo(10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD),
-    'cifar100-jpeg75': DatasetInfo(100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD),
+    'cifar10': DatasetInfo('CIFAR-10', 10, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
+    'cifar100': DatasetInfo('CIFAR-100', 100, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
+    'cifar10-jpeg75': DatasetInfo(
+        'CIFAR-10 (JPEG-75 copy)', 10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD),
+    'cifar100-jpeg75': DatasetInfo(
+        'CIFAR-100 (JPEG-75 copy)', 100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD),
     'cifar10-lossless4000': DatasetInfo(
-        10, 'cifar10-train-first4000-lossless.npz', 'npz', CIFAR10_MEAN, CIFAR10_STD, splits=('train',)),
+        'CIFAR-10 (first 4,000 lossless training images)', 10, 'cifar10-train-first4000-lossless.npz', 'npz',
+        CIFAR10_MEAN, CIFAR10_STD, splits=('train',)),
 }
 
 # Files of torchvision's pickled layout, per split.
@@ -125,10 +129,11 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, n_classes: int, what: str) -> No
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR batch files: numpy array reconstruction and builtins only, nothing executable."""
+    """Unpickler for CIFAR batch files: numpy array reconstruction and plain data only, nothing executable."""
     _ALLOWED = {
         ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
         ('numpy', 'ndarray'), ('numpy', 'dtype'),
+        ('_codecs', 'encode'),  # how Python 3 writes bytes in protocol-2 pickles
     }
 
     def find_class(self, module, name):

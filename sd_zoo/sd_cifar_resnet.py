@@ -102,7 +102,8 @@ class SDCifarResNet(SDResNetBase):
         sd_gate: ``'batch'`` (paper: one draw per block per mini-batch, dropped branches are not computed)
             or ``'sample'`` (one draw per sample, as timm's DropPath).
         sd_rule: ``'paper'`` (eval scales the branch by p_l) or ``'inverted'`` (train divides by p_l).
-        zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper).
+        zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper's code, which
+            keeps it at 1; ``sd_resnet1202`` turns it on, see there).
     """
 
     def __init__(
@@ -233,7 +234,14 @@ def sd_resnet110(pretrained: bool = False, **kwargs) -> SDCifarResNet:
 
 @register_model
 def sd_resnet1202(pretrained: bool = False, **kwargs) -> SDCifarResNet:
-    """CIFAR ResNet-1202 (3 x 200 blocks), the paper's 1202-layer net."""
+    """CIFAR ResNet-1202 (3 x 200 blocks), the paper's 1202-layer net.
+
+    A fresh, untrained model in eval mode has identity BatchNorms (running mean 0, var 1), so 600 residual
+    additions grow activations past float32's range; zero-initialising each branch's last BatchNorm scale
+    keeps a fresh model finite. Trained weights are unaffected; pass ``zero_init_last=False`` for the
+    paper's initialisation (which trains the same, since training-mode BatchNorm normalises).
+    """
+    kwargs.setdefault('zero_init_last', True)
     return _create('sd_resnet1202', 200, pretrained, **kwargs)
 
 

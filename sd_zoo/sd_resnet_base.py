@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
@@ -61,10 +61,6 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
             survival_probs=resolved, gate=gate, rule=rule)
         return resolved
 
-    def fc_device_dtype(self):
-        w = self.conv1.weight
-        return w.device, w.dtype
-
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._begin_forward(x)
@@ -95,9 +91,11 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        dd = dict(device=self.fc_device_dtype()[0], dtype=self.fc_device_dtype()[1])
+        dd = get_device_dtype(self)
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     @torch.jit.ignore
     def _begin_forward(self, x: torch.Tensor) -> None:

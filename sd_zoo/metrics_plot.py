@@ -1,0 +1,94 @@
+"""Training curves in the layout of the paper's Figure 3, drawn from the metrics.jsonl of training runs.
+
+Test error (solid, left axis) and training loss (dashed, right axis) against epoch, one colour per run,
+so a constant-depth run and a stochastic-depth run share one plot::
+
+    sd-zoo plot runs/sd runs/const -o fig3.png     # or: python -m sd_zoo.metrics_plot ...
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import data
+
+COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:brown')
+
+
+def read_metrics(run_dir) -> List[Dict]:
+    rows = []
+    for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def _run_config(run_dir) -> Dict:
+    path = Path(run_dir) / 'run.json'
+    return json.loads(path.read_text()).get('config', {}) if path.exists() else {}
+
+
+def run_label(run_dir) -> str:
+    cfg = _run_config(run_dir)
+    rate = cfg.get('drop_path_rate')
+    if rate is None:
+        return Path(run_dir).name
+    depth = 'constant depth' if rate == 0 else f'stochastic depth (p_L = {1 - rate:g})'
+    return f"{cfg.get('model', '')} {depth}".strip()
+
+
+def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None,
+              title: Optional[str] = None) -> Path:
+    """Draw the runs' curves into ``output`` (PNG, PDF, SVG: by suffix) and return its path."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
+
+    fig = Figure(figsize=(7, 4.5))
+    ax_err = fig.add_subplot()
+    ax_loss = ax_err.twinx()
+    for i, run_dir in enumerate(run_dirs):
+        rows = read_metrics(run_dir)
+        label = labels[i] if labels else run_label(run_dir)
+        color = COLORS[i % len(COLORS)]
+        tested = [r for r in rows if r.get('test_err') is not None]
+        ax_err.plot([r['epoch'] for r in tested], [r['test_err'] for r in tested], color=color,
+                    label=f'{label}: test error')
+        ax_loss.plot([r['epoch'] for r in rows], [r['train_loss'] for r in rows], color=color, linestyle='--',
+                     label=f'{label}: training loss')
+    ax_err.set_xlabel('epoch')
+    ax_err.set_ylabel('test error (%)')
+    ax_loss.set_ylabel('training loss')
+    handles = ax_err.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
+    ax_err.legend(handles, [h.get_label() for h in handles], loc='upper right', fontsize='small')
+    if title is None:
+        name = _run_config(run_dirs[0]).get('data') if run_dirs else None
+        title = data.DATASETS[name].title if name in data.DATASETS else ''
+    ax_err.set_title(title)
+    output = Path(output)
+    fig.savefig(output, dpi=150, bbox_inches='tight')
+    return output
+
+
+def run(args: argparse.Namespace) -> int:
+    path = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
+    print(f'wrote {path}')
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser('plot', help='test error and training loss vs epoch of training runs (paper Fig. 3)',
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('runs', nargs='+', metavar='RUN_DIR', help='output directories of sd-zoo train')
+    p.add_argument('-o', '--output', default='curves.png')
+    p.add_argument('--labels', nargs='+', help='one legend label per run (default: from run.json)')
+    p.add_argument('--title', help='plot title (default: the dataset)')
+    p.set_defaults(func=run)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(prog='python -m sd_zoo.metrics_plot')
+    add_parser(parser.add_subparsers(dest='command', required=True))
+    parsed = parser.parse_args(['plot'] + sys.argv[1:])
+    sys.exit(parsed.func(parsed))

@@ -1,0 +1,554 @@
+"""`sd-zoo export`: a stochastic-depth ResNet's expected-value network as a clean ONNX graph.
+
+At test time the paper replaces each block's random gate by its expectation: block l computes
+``act(shortcut + p_l * f_l(x))`` (paper rule), or ``act(shortcut + f_l(x))`` (inverted rule, where
+training already divided by p_l). The branch f_l ends in a BatchNorm, which is affine in eval mode,
+so ``p_l * BN(z) = BN'(z)`` with gamma and beta multiplied by p_l: folding p_l into them is exact
+and leaves a graph with the operators of a plain ResNet of the same depth, no Mul and nothing random.
+
+:func:`export_onnx` (and ``sd-zoo export``) exports from an eval-mode deep copy (the caller's model
+is never modified), then checks the file before it replaces the output: no random operator,
+``onnx.checker`` full check, and ONNX Runtime output against PyTorch eval on a probe batch (within
+``FP32_RTOL`` of the logit scale for fp32; finite outputs for fp16).
+
+The exporter is ``torch.onnx.export(dynamo=True)``: its graph is clean (BatchNorm constant-folded
+into the convolutions, channel padding as one Pad). The TorchScript exporter is the fallback when
+the dynamo path fails; ``exporter=`` picks one explicitly.
+"""
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from collections import Counter
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, ExportError
+from .onnx_runtime import META_PREFIX, OnnxClassifier
+from .stochastic_depth import SCHEDULES, StochasticDepth
+
+# Operators that would make the exported network stochastic; the export fails if any appears.
+RANDOM_OPS = frozenset({
+    'RandomUniform', 'RandomUniformLike', 'RandomNormal', 'RandomNormalLike', 'Bernoulli', 'Dropout', 'Multinomial',
+})
+EXPORTERS = ('auto', 'dynamo', 'torchscript')
+# The dynamo exporter emits opset 18 and up (asked for less, it silently keeps 18); ORT >= 1.14 runs it.
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+TORCHSCRIPT_MAX_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
+# fp32 parity: max |ORT - PyTorch| must stay within this fraction of max(1, max |logit|).
+FP32_RTOL = 1e-4
+PROBE_BATCH = 4
+# A protobuf cannot exceed 2 GiB; every sd-zoo model is far below (ResNet-1202: 78 MB).
+MAX_SINGLE_FILE_BYTES = 2 ** 31 - 2 ** 20
+
+
+# --- Folding the survival probabilities -----------------------------------------------------------
+
+_STOCK_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _last_norm_names():
+    # Imported here: the model modules register with timm on import, which this module need not force.
+    from .sd_cifar_resnet import CifarBasicBlock
+    from .sd_imagenet_resnet import SDBottleneck
+    return ((CifarBasicBlock, 'bn2'), (SDBottleneck, 'bn3'))
+
+
+def branch_output_norm(block: nn.Module) -> Optional[nn.Module]:
+    """The norm layer whose output is the block's branch output, if p_l folds into it exactly, else None.
+
+    That needs a stock torch norm with affine weight and bias (output ``z * weight + bias``) and nothing
+    after it on the branch: a squeeze-excitation after ``bn3`` rescales by a function of its own input,
+    which p_l does not pass through, so such a block keeps its multiplication.
+    """
+    if getattr(block, 'se', None) is not None:
+        return None
+    norm = next((getattr(block, name) for cls, name in _last_norm_names() if isinstance(block, cls)), None)
+    stock = isinstance(norm, _STOCK_NORMS) and type(norm).__module__.startswith('torch.nn')
+    if stock and norm.weight is not None and norm.bias is not None:
+        return norm
+    return None
+
+
+def fold_survival_probs(model: nn.Module) -> Tuple[int, List[str]]:
+    """Fold each block's eval-time branch scale into its last norm, in place, and open every gate.
+
+    Paper-rule blocks with p_l < 1 get gamma and beta of the branch's last norm multiplied by p_l and
+    their survival probability set to 1.0, so that the eval forward is a plain residual sum. Inverted-rule
+    gates are already identities in eval and are just set to 1.0. Returns the number of folded blocks
+    and the names of blocks that could not be folded (they keep their multiplication by p_l).
+    """
+    folded, kept = 0, []
+    with torch.no_grad():
+        for name, block in model.named_modules():
+            gate = getattr(block, 'stochastic_depth', None)
+            if not isinstance(gate, StochasticDepth):
+                continue
+            if gate.rule == 'paper' and gate.survival_prob != 1.0:
+                norm = branch_output_norm(block)
+                if norm is None:
+                    kept.append(name)
+                    continue
+                norm.weight.mul_(gate.survival_prob)
+                norm.bias.mul_(gate.survival_prob)
+                folded += 1
+            gate.survival_prob = 1.0
+    return folded, kept
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    return deepcopy(model).eval().float().cpu()
+
+
+def _warn_unfolded(kept: List[str]) -> None:
+    if kept:
+        warnings.warn(
+            f'{len(kept)} blocks ({", ".join(kept[:4])}{", ..." if len(kept) > 4 else ""}) cannot fold their '
+            f'survival probability into a norm layer and keep a Mul in the exported graph')
+
+
+def expected_value_model(model: nn.Module) -> nn.Module:
+    """An eval-mode float32 CPU deep copy of ``model`` with the survival probabilities folded in."""
+    copy = _eval_copy(model)
+    _warn_unfolded(fold_survival_probs(copy)[1])
+    return copy
+
+
+# --- ONNX graph checks ----------------------------------------------------------------------------
+
+def _all_nodes(graph):
+    """Nodes of a graph and of every subgraph (If / Loop bodies) inside it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField('g') else [])
+            for sub in subgraphs:
+                yield from _all_nodes(sub)
+
+
+def op_histogram(proto) -> Dict[str, int]:
+    """Operator type -> count over the main graph, its subgraphs and its local functions."""
+    counts = Counter(n.op_type for n in _all_nodes(proto.graph))
+    for fn in proto.functions:
+        counts.update(n.op_type for n in fn.node)
+    return dict(sorted(counts.items()))
+
+
+def check_no_random_ops(proto) -> None:
+    """Raise :class:`ExportError` if the graph holds any operator that samples or drops at random."""
+    found = sorted(set(op_histogram(proto)) & RANDOM_OPS)
+    if found:
+        raise ExportError(
+            f'the exported graph contains random operators ({", ".join(found)}); the expected-value network '
+            f'must be deterministic. Was the model exported in training mode, or does it use dropout layers '
+            f'that eval mode does not disable?')
+
+
+# --- Building the model ---------------------------------------------------------------------------
+
+def sd_overrides(drop_path_rate: Optional[float] = None,
+                 sd_schedule: Union[None, str, Sequence[float]] = None) -> Dict[str, Any]:
+    """``create_model`` kwargs that override a model's stochastic-depth settings."""
+    kwargs: Dict[str, Any] = {}
+    if drop_path_rate is not None:
+        kwargs['drop_path_rate'] = float(drop_path_rate)
+    if isinstance(sd_schedule, str):
+        if sd_schedule not in SCHEDULES:
+            raise ConfigError(f'unknown survival schedule {sd_schedule!r}; choose one of {SCHEDULES} or give a list')
+        kwargs['sd_schedule'] = sd_schedule
+    elif sd_schedule is not None:
+        kwargs['sd_probs'] = [float(p) for p in sd_schedule]
+    return kwargs
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+    from timm.models import split_model_name_tag
+
+    if not timm.is_model(name):
+        known = ', '.join(timm.list_models('sd_*'))
+        raise ConfigError(f'unknown model {split_model_name_tag(name)[0]!r}; sd-zoo models: {known}')
+
+
+def _stats_of(model: nn.Module, data_name: Optional[str] = None) -> Tuple[tuple, tuple]:
+    """Normalisation of the inputs: that of the dataset the weights were trained on, else the model cfg."""
+    from . import data
+
+    if data_name in data.DATASETS:
+        info = data.dataset_info(data_name)
+        return tuple(info.mean), tuple(info.std)
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return tuple(cfg.get('mean', data.CIFAR10_MEAN)), tuple(cfg.get('std', data.CIFAR10_STD))
+
+
+def _display_name(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    arch = cfg.get('architecture', type(model).__name__)
+    return f'{arch}.{cfg["tag"]}' if cfg.get('tag') else arch
+
+
+def build_model(
+        model_name: Optional[str] = None,
+        pretrained: bool = False,
+        checkpoint: Optional[Union[str, os.PathLike]] = None,
+        drop_path_rate: Optional[float] = None,
+        sd_schedule: Union[None, str, Sequence[float]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model to export and the facts the ONNX metadata records about it (name, mean, std, source).
+
+    A checkpoint rebuilds the architecture and stochastic-depth settings it was saved with
+    (``checkpoint.load_weights``); ``drop_path_rate`` / ``sd_schedule`` override them.
+    """
+    import timm
+    from .checkpoint import load_weights, read_metadata
+
+    overrides = sd_overrides(drop_path_rate, sd_schedule)
+    if model_name:
+        _check_model_name(model_name)
+    if checkpoint is not None:
+        if pretrained:
+            raise ConfigError('give either pretrained weights or a checkpoint, not both')
+        meta = read_metadata(checkpoint)
+        model = load_weights(checkpoint, model_name, **overrides)
+        name = model_name or meta.get('model')
+        source = Path(checkpoint).name
+        mean, std = _stats_of(model, meta.get('data'))
+    else:
+        if not model_name:
+            raise ConfigError('name the model to export (--model NAME[.TAG]) or give a checkpoint')
+        model = timm.create_model(model_name, pretrained=pretrained, **overrides)
+        name = model_name
+        source = 'pretrained' if pretrained else 'random initialisation'
+        mean, std = _stats_of(model)
+    return model.eval(), dict(model=name, mean=mean, std=std, source=source)
+
+
+# --- Export ---------------------------------------------------------------------------------------
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how the file checked out."""
+    path: str
+    model: str
+    exporter: str
+    opset: int
+    precision: str
+    batch: str
+    size_bytes: int
+    folded_blocks: int
+    unfolded_blocks: List[str]
+    op_counts: Dict[str, int]
+    probe_batch: int
+    logit_scale: float           # max |logit| of PyTorch on the probe batch
+    max_abs_diff: float          # max |ORT - PyTorch eval| on the probe batch
+    tolerance: Optional[float]   # fp32 only: FP32_RTOL * max(1, logit_scale)
+    top1_agreement: float        # ORT vs PyTorch argmax on the probe batch
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        ops = ', '.join(f'{k} {v}' for k, v in self.op_counts.items())
+        kept = f'; {len(self.unfolded_blocks)} blocks keep a Mul' if self.unfolded_blocks else ''
+        check = (f'max |ORT - PyTorch| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}, logit scale '
+                 f'{self.logit_scale:.3g})' if self.tolerance is not None else
+                 f'max |ORT fp16 - PyTorch fp32| {self.max_abs_diff:.3g} (logit scale {self.logit_scale:.3g}), '
+                 f'top-1 agreement {100 * self.top1_agreement:.1f}% on {self.probe_batch} random inputs')
+        return (f'wrote {self.path} ({self.size_bytes / 2 ** 20:.1f} MiB): {self.model}, {self.precision}, '
+                f'opset {self.opset}, batch {self.batch}, {self.exporter} exporter\n'
+                f'  survival probabilities folded in {self.folded_blocks} blocks{kept}\n'
+                f'  operators: {ops}\n'
+                f'  check: {check}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _check_opset(opset: int, exporter: str) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise ConfigError(
+            f'opset {opset} is too old: the minimum is {MIN_OPSET} (what torch.onnx emits natively; '
+            f'ONNX Runtime runs it from 1.14 on)')
+    if opset > newest:
+        raise ConfigError(f'opset {opset} is newer than this onnx package knows ({newest})')
+    if exporter == 'torchscript' and opset > TORCHSCRIPT_MAX_OPSET:
+        raise ConfigError(f'the TorchScript exporter supports opsets up to {TORCHSCRIPT_MAX_OPSET}, not {opset}')
+
+
+def _open_output(output: Path) -> str:
+    """A temporary file beside ``output`` (so the final rename is atomic); fails early if unwritable."""
+    if output.is_dir():
+        raise ExportError(f'output {output} is a directory; give a file name such as {output / "model.onnx"}')
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f'.{output.name}.', suffix='.tmp')
+    except OSError as e:
+        raise ExportError(f'cannot write {output}: {e.strerror or e}') from e
+    os.close(fd)
+    return tmp
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool):
+    dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool):
+    import io
+    import onnx
+
+    buf = io.BytesIO()
+    axes = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
+        torch.onnx.export(
+            model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _trace(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool, exporter: str):
+    """The ONNX ModelProto of ``model`` and the name of the exporter that produced it."""
+    if exporter in ('auto', 'dynamo'):
+        try:
+            return _export_dynamo(model, example, opset, dynamic_batch), 'dynamo'
+        except Exception as e:  # torch.export raises many error types for unsupported code
+            if exporter == 'dynamo' or opset > TORCHSCRIPT_MAX_OPSET:
+                raise ExportError(f'torch.onnx dynamo export failed: {type(e).__name__}: {e}') from e
+            warnings.warn(f'dynamo export failed ({type(e).__name__}: {e}); using the TorchScript exporter')
+    try:
+        return _export_torchscript(model, example, opset, dynamic_batch), 'torchscript'
+    except Exception as e:
+        raise ExportError(f'torch.onnx TorchScript export failed: {type(e).__name__}: {e}') from e
+
+
+def convert_to_fp16(proto):
+    """float16 weights and compute with float32 input and output (Casts at both ends)."""
+    import onnxscript.ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(proto, keep_io_types=True)
+    # The converter appends its input and output Casts after the other nodes; ONNX wants a sorted graph.
+    model = ir.from_proto(half)
+    model.graph.sort()
+    return ir.to_proto(model)
+
+
+def _set_metadata(proto, meta: Dict[str, Any]) -> Dict[str, str]:
+    strings = {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    del proto.metadata_props[:]
+    for k, v in strings.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    return strings
+
+
+def _probe(path: str, reference: np.ndarray, example: np.ndarray, fp16: bool) -> Dict[str, float]:
+    """Run the written file on the probe batch and compare it with the PyTorch logits."""
+    out = OnnxClassifier(path, threads=1)(example)
+    if not np.isfinite(out).all():
+        raise ExportError(
+            f'the {"fp16" if fp16 else "fp32"} graph gives non-finite logits on a probe batch '
+            f'(float16 overflows past 65504); export in fp32' if fp16 else
+            'the exported graph gives non-finite logits on a probe batch')
+    scale = float(np.abs(reference).max())
+    diff = float(np.abs(out - reference).max())
+    agree = float((out.argmax(1) == reference.argmax(1)).mean())
+    tol = None if fp16 else FP32_RTOL * max(1.0, scale)
+    if tol is not None and diff > tol:
+        raise ExportError(
+            f'ONNX Runtime and PyTorch disagree on a probe batch: max abs difference {diff:.3g} exceeds '
+            f'{tol:.3g} ({FP32_RTOL:g} of the logit scale {scale:.3g})')
+    return dict(max_abs_diff=diff, logit_scale=scale, tolerance=tol, top1_agreement=agree)
+
+
+def export_onnx(
+        model: Union[str, nn.Module, None],
+        output: Union[str, os.PathLike],
+        *,
+        pretrained: bool = False,
+        checkpoint: Optional[Union[str, os.PathLike]] = None,
+        drop_path_rate: Optional[float] = None,
+        sd_schedule: Union[None, str, Sequence[float]] = None,
+        opset: int = DEFAULT_OPSET,
+        fp16: bool = False,
+        batch: Union[str, int] = 'dynamic',
+        exporter: str = 'auto',
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+) -> ExportReport:
+    """Export the expected-value network of a stochastic-depth model to one .onnx file.
+
+    Args:
+        model: a registered name (``'sd_resnet110'``, ``'sd_resnet110.c10j75'``), an ``nn.Module``, or
+            None with ``checkpoint`` (whose metadata names the architecture).
+        output: the .onnx file to write; replaced only once the new file has passed its checks.
+        pretrained: load the tag's published weights (name only).
+        checkpoint: a safetensors file written by sd-zoo; its stochastic-depth settings are folded.
+        drop_path_rate, sd_schedule: override the stochastic-depth settings of a name or checkpoint
+            (``sd_schedule``: ``'linear'``, ``'uniform'`` or one survival probability per block).
+        opset: ONNX opset, ``MIN_OPSET`` or newer.
+        fp16: float16 weights and compute, float32 input and logits.
+        batch: ``'dynamic'`` or a fixed batch size.
+        exporter: ``'auto'`` (dynamo, TorchScript if that fails), ``'dynamo'`` or ``'torchscript'``.
+        mean, std: normalisation recorded in the metadata (default: the training data's or the cfg's).
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ConfigError(f'unknown exporter {exporter!r}; choose one of {EXPORTERS}')
+    _check_opset(opset, exporter)
+    dynamic_batch = batch == 'dynamic'
+    if not dynamic_batch and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ConfigError(f'batch must be "dynamic" or a positive integer, got {batch!r}')
+
+    if isinstance(model, nn.Module):
+        if pretrained or checkpoint is not None or drop_path_rate is not None or sd_schedule is not None:
+            raise ConfigError(
+                'pretrained, checkpoint and stochastic-depth overrides apply to a model name; build the module '
+                'with the settings you want (timm.create_model(..., drop_path_rate=R)) and pass it alone')
+        facts = dict(model=_display_name(model), source='module')
+        facts['mean'], facts['std'] = _stats_of(model)
+    else:
+        model, facts = build_model(model, pretrained, checkpoint, drop_path_rate, sd_schedule)
+    facts['mean'] = tuple(float(v) for v in (mean if mean is not None else facts['mean']))
+    facts['std'] = tuple(float(v) for v in (std if std is not None else facts['std']))
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weight_bytes > MAX_SINGLE_FILE_BYTES:
+        raise ExportError(f'{facts["model"]} holds {weight_bytes / 2 ** 30:.1f} GiB of weights, over the 2 GiB '
+                          f'limit of a single ONNX file; sd-zoo exports single files only')
+
+    output = Path(output)
+    tmp = _open_output(output)
+    try:
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        in_chans = getattr(model, 'in_chans', 3)
+        size = tuple(cfg.get('input_size', (in_chans, 32, 32)))[-2:]
+        probe_n = PROBE_BATCH if dynamic_batch else batch
+        example = torch.randn((probe_n, in_chans) + size, generator=torch.Generator().manual_seed(0))
+
+        sd_config = model.sd_config() if hasattr(model, 'sd_config') else None
+        rules = {m.rule for m in model.modules() if isinstance(m, StochasticDepth)}
+        export_model = _eval_copy(model)
+        with torch.no_grad():
+            # Logits of the unfolded eval network, so that the parity check covers the folding too.
+            reference = export_model(example).numpy()
+        folded, unfolded = fold_survival_probs(export_model)
+        _warn_unfolded(unfolded)
+
+        proto, used = _trace(export_model, example, opset, dynamic_batch, exporter)
+        got_opset = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)
+        if got_opset != opset:
+            raise ExportError(f'asked for opset {opset} but the {used} exporter produced opset {got_opset}')
+        check_no_random_ops(proto)
+        op_counts = op_histogram(proto)
+        if fp16:
+            proto = convert_to_fp16(proto)
+
+        import sd_zoo
+        meta = dict(
+            model=facts['model'], num_classes=int(model.num_classes), in_chans=int(in_chans),
+            input_size=[int(in_chans), *map(int, size)], mean=list(facts['mean']), std=list(facts['std']),
+            sd_config=sd_config,
+            expected_value=('identity gates (inverted rule)' if rules == {'inverted'} else
+                            'survival probability p_l folded into the last norm of each residual branch'),
+            precision='fp16' if fp16 else 'fp32', source=facts['source'],
+            exporter=f'torch {torch.__version__} ({used})', version=sd_zoo.__version__,
+            input=f'{INPUT_NAME}: float32 (N, C, H, W), RGB scaled to [0, 1] then (x - mean) / std',
+            output=f'{OUTPUT_NAME}: float32 (N, num_classes)',
+        )
+        strings = _set_metadata(proto, meta)
+        proto.doc_string = f'{facts["model"]}: expected-value network of a stochastic-depth ResNet (sd-zoo)'
+        onnx.save(proto, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f'the exported graph fails onnx.checker: {e}') from e
+        check = _probe(tmp, reference, example.numpy(), fp16)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportReport(
+        path=str(output), model=facts['model'], exporter=used, opset=opset, precision=meta['precision'],
+        batch='dynamic' if dynamic_batch else str(batch), size_bytes=output.stat().st_size,
+        folded_blocks=folded, unfolded_blocks=unfolded, op_counts=op_counts, probe_batch=probe_n,
+        metadata=strings, **check)
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+def parse_batch(value: str) -> Union[str, int]:
+    if value == 'dynamic':
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'expected "dynamic" or a positive batch size, got {value!r}')
+    return n
+
+
+def parse_schedule(value: str) -> Union[str, List[float]]:
+    """``linear``, ``uniform``, or comma-separated survival probabilities, one per block."""
+    if value in SCHEDULES:
+        return value
+    try:
+        return [float(p) for p in value.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected {" or ".join(SCHEDULES)} or comma-separated probabilities, got {value!r}') from None
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """The export options, shared by ``sd-zoo export`` and export/onnx_export.py."""
+    p.add_argument('--model', help='registered name, optionally with a tag: sd_resnet110, sd_resnet110.c10j75 '
+                                   '(optional with --checkpoint, whose metadata names it)')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--pretrained', action='store_true', help="load the tag's published weights")
+    src.add_argument('--checkpoint', help='safetensors file written by sd-zoo (its sd settings are folded)')
+    p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
+    p.add_argument('--fp16', action='store_true', help='float16 weights and compute, float32 input and output')
+    p.add_argument('--batch', type=parse_batch, default='dynamic', help='"dynamic" (default) or a fixed batch size')
+    p.add_argument('--drop-path-rate', type=float, help='override 1 - p_L of the weights (0.5 in the paper)')
+    p.add_argument('--sd-schedule', type=parse_schedule,
+                   help='override the survival schedule: linear, uniform, or p_1,...,p_L')
+    p.add_argument('--exporter', choices=EXPORTERS, default='auto',
+                   help='torch.onnx path: dynamo (default, TorchScript if it fails) or torchscript')
+    p.add_argument('--json', action='store_true', help='print the export report as one JSON object last')
+
+
+def run(args: argparse.Namespace) -> int:
+    report = export_onnx(
+        args.model, args.output, pretrained=args.pretrained, checkpoint=args.checkpoint,
+        drop_path_rate=args.drop_path_rate, sd_schedule=args.sd_schedule, opset=args.opset, fp16=args.fp16,
+        batch=args.batch, exporter=args.exporter)
+    print(report.summary())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'export', help='export the expected-value network to ONNX', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(p)
+    p.set_defaults(func=run)

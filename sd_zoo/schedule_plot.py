@@ -1,0 +1,79 @@
+"""Plot of a stochastic-depth survival schedule: p_l for every residual block, expected depth in the title.
+
+    sd-zoo schedule --model sd_resnet110 -o schedule.png                  # paper: p_L = 0.5, linear
+    sd-zoo schedule --model sd_resnet110 --drop-path-rate 0.2 --sd-schedule uniform -o uniform.png
+
+The Hub model cards embed this plot (``sd-zoo hub build``).
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+from .stochastic_depth import expected_depth
+
+ProbsSource = Union[Sequence[float], Dict, object]
+
+
+def _probs_and_stages(source: ProbsSource) -> (List[float], List[int]):
+    """Survival probabilities and the number of blocks per stage (empty when unknown)."""
+    if hasattr(source, 'survival_probs'):  # an sd-zoo model
+        stages = [len(getattr(source, f'layer{i + 1}')) for i in range(getattr(source, 'num_stages', 0))]
+        return list(source.survival_probs), stages
+    if isinstance(source, dict):  # model.sd_config()
+        return list(source['survival_probs']), []
+    return [float(p) for p in source], []
+
+
+def plot_schedule(source: ProbsSource, path: Union[str, Path], title: Optional[str] = None) -> Path:
+    """Write a PNG bar chart of per-block survival probability.
+
+    Args:
+        source: an sd-zoo model, its ``sd_config()`` dict, or a sequence of probabilities (block 1 first).
+        path: the PNG to write.
+        title: first title line (default: none); the second line always gives the expected depth.
+    """
+    import matplotlib
+    matplotlib.use('Agg')  # files only: no display needed, and safe in threads and on servers
+    import matplotlib.pyplot as plt
+
+    probs, stages = _probs_and_stages(source)
+    n = len(probs)
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    ax.bar(range(1, n + 1), probs, width=1.0 if n > 60 else 0.8, color='tab:blue')
+    edge = 0.5
+    for size in stages[:-1]:  # stage boundaries: where the resolution halves
+        edge += size
+        ax.axvline(edge, color='grey', linestyle=':', linewidth=1)
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel('residual block l')
+    ax.set_ylabel('survival probability $p_l$')
+    depth = f'expected depth {expected_depth(probs):.2f} of {n} blocks (p_L = {probs[-1]:.2f})'
+    ax.set_title(f'{title}\n{depth}' if title else depth, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    kwargs = dict(drop_path_rate=args.drop_path_rate, sd_schedule=args.sd_schedule)
+    model = timm.create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
+    path = plot_schedule(model, args.output, title=args.model)
+    print(f'{path}: {model.num_blocks} blocks, expected depth {model.expected_depth:.2f}')
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'schedule', help='plot the survival probability of every block of a model', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', required=True, help='timm name, e.g. sd_resnet110 or sd_resnet110.c10j75_cd')
+    p.add_argument('-o', '--output', required=True, metavar='PNG')
+    p.add_argument('--drop-path-rate', type=float, help='1 - p_L (default: the model\'s, 0.5)')
+    p.add_argument('--sd-schedule', choices=('linear', 'uniform'), help='default: the model\'s (linear)')
+    p.set_defaults(func=run)

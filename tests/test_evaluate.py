@@ -1,0 +1,99 @@
+"""Evaluation: error counting, rebuilding a trained model from safetensors metadata, the eval command."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sd_zoo  # noqa: F401  (registers the models)
+import timm
+from sd_zoo import cli, data, evaluate, train
+from sd_zoo.errors import ConfigError, WeightsError
+
+
+def _save(model, path, data_name='cifar10-jpeg75'):
+    train.save_weights(model, path, dict(model=model.pretrained_cfg['architecture'], data=data_name, recipe='paper'))
+    return path
+
+
+@pytest.fixture
+def jpeg_test_set():
+    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
+    if not path.exists():
+        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+
+
+def test_evaluate_counts_top1_and_top5_from_numpy_logits():
+    labels = torch.arange(10)
+    images = torch.zeros(10, 32, 32, 3, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels  # each image carries its label, for a predictor that reads it
+    # Numpy out, as an ONNX runtime gives.
+    perfect = lambda x: np.eye(10, dtype=np.float32)[x[:, 0, 0, 0].numpy()]
+    assert evaluate.evaluate(perfect, images, labels, batch_size=3) == dict(top1_err=0.0, top5_err=0.0, n=10)
+    # Always ranks class 9 first, then 8, 7, ...: top-1 right once, top-5 right for labels 5..9.
+    ranked = lambda x: np.tile(np.arange(10, dtype=np.float32), (len(x), 1))
+    result = evaluate.evaluate(ranked, images, labels, batch_size=4)
+    assert result['top1_err'] == pytest.approx(90.0) and result['top5_err'] == pytest.approx(50.0)
+
+
+def test_checkpoint_metadata_rebuilds_the_trained_model(tmp_path):
+    model = timm.create_model('sd_resnet20', num_classes=100, drop_path_rate=0.2, sd_schedule='uniform',
+                              sd_rule='inverted')
+    path = _save(model, tmp_path / 'w.safetensors', 'cifar100-jpeg75')
+    loaded, meta = evaluate.load_checkpoint_model(path)
+    assert loaded.num_classes == 100 and loaded.sd_config() == model.sd_config()
+    assert meta['sd_zoo.data'] == 'cifar100-jpeg75'
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_checkpoint_mismatch_names_the_keys(tmp_path):
+    path = _save(timm.create_model('sd_resnet20'), tmp_path / 'w.safetensors')
+    with pytest.raises(WeightsError) as e:
+        evaluate.load_checkpoint_model(path, model_name='sd_resnet32')
+    assert 'missing keys: layer1.3.' in str(e.value) and 'unexpected keys: none' in str(e.value)
+    save_file({'fc.weight': torch.zeros(10, 64)}, str(tmp_path / 'bare.safetensors'))
+    with pytest.raises(ConfigError, match='--model'):
+        evaluate.load_checkpoint_model(tmp_path / 'bare.safetensors')
+    (tmp_path / 'junk.safetensors').write_bytes(b'not a safetensors file')
+    with pytest.raises(WeightsError, match='not a readable safetensors'):
+        evaluate.load_checkpoint_model(tmp_path / 'junk.safetensors')
+
+
+def test_eval_command_prints_json_last(jpeg_test_set, tmp_path, capsys):
+    path = _save(timm.create_model('sd_resnet20'), tmp_path / 'w.safetensors')
+    rc = cli.main(['eval', '--checkpoint', str(path), '--data', 'cifar10-jpeg75', '--limit', '100',
+                   '--batch-size', '40', '--num-threads', '1', '--json'])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert 'top-1 error' in lines[0] and 'CIFAR-10 (JPEG-75 copy)' in lines[0]
+    result = json.loads(lines[-1])
+    assert {'top1_err', 'top5_err', 'n', 'model', 'data'} <= set(result)
+    assert result['n'] == 100 and result['model'] == 'sd_resnet20' and result['data'] == 'cifar10-jpeg75'
+    assert 0 <= result['top5_err'] <= result['top1_err'] <= 100
+
+
+def test_eval_command_reports_mismatch_without_traceback(jpeg_test_set, tmp_path, capsys):
+    path = _save(timm.create_model('sd_resnet20'), tmp_path / 'w.safetensors')
+    rc = cli.main(['eval', '--model', 'sd_resnet32', '--checkpoint', str(path), '--data', 'cifar10-jpeg75'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'does not fit sd_resnet32' in err and 'Traceback' not in err
+    rc = cli.main(['eval', '--checkpoint', str(path), '--data', 'cifar100-jpeg75'])
+    assert rc == 2 and 'has 10 classes but cifar100-jpeg75 has 100' in capsys.readouterr().err
+
+
+def test_evaluate_model_matches_the_command(jpeg_test_set, tmp_path):
+    model = timm.create_model('sd_resnet20')
+    result = evaluate.evaluate_model(model, 'cifar10-jpeg75', limit=50)
+    assert result['n'] == 50 and set(result) == {'top1_err', 'top5_err', 'n'}
+
+
+def test_onnx_without_runtime_module_is_a_clear_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'sd_zoo.onnx_runtime' else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match='sd_zoo.onnx_runtime'):
+        evaluate._load_onnx('model.onnx', None)

@@ -1,0 +1,243 @@
+"""The trainer: recipes and lr schedules, outputs, bit-exact resume after SIGKILL, DDP agreement, and the
+parts of timm's train.py that sd-zoo models must support."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sd_zoo  # noqa: F401  (registers the models)
+import timm
+from sd_zoo import data, train
+from sd_zoo.errors import ConfigError
+from sd_zoo.evaluate import evaluate, load_checkpoint_model, model_logits_fn
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', train_subset=128, val_size=64, test_subset=100,
+            epochs=2, batch_size=32, num_threads=1, quiet=True)
+
+
+@pytest.fixture(scope='module')
+def jpeg_data():
+    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
+    if not path.exists():
+        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+    data.load_split('cifar10-jpeg75', 'train')  # decode once, before any subprocess needs the cache
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    return [sys.executable, '-m', 'sd_zoo.cli', *args], env
+
+
+# --- recipes and schedules ---------------------------------------------------------------------------
+
+def test_recipes_are_defaults_that_flags_override():
+    cfg = train.resolve_config(dict(recipe='paper', output='x'))
+    assert (cfg['lr'], cfg['batch_size'], cfg['epochs'], cfg['weight_decay']) == (0.1, 128, 500, 1e-4)
+    assert cfg['nesterov'] and cfg['momentum'] == 0.9 and cfg['milestones'] == (0.5, 0.75)
+    cfg = train.resolve_config(dict(recipe='fast', output='x', lr=0.2, epochs=None))
+    assert cfg['lr'] == 0.2 and cfg['epochs'] == train.RECIPES['fast']['epochs']
+    with pytest.raises(ConfigError, match='unknown recipe'):
+        train.resolve_config(dict(recipe='slow', output='x'))
+    with pytest.raises(ConfigError, match='unknown training settings: lrr'):
+        train.resolve_config(dict(output='x', lrr=0.1))
+    with pytest.raises(ConfigError, match='--output'):
+        train.resolve_config({})
+
+
+def test_paper_schedule_divides_lr_at_half_and_three_quarters():
+    cfg = train.resolve_config(dict(recipe='paper', output='x'))
+    spe, total = 351, 500 * 351
+    assert train.lr_at(0, total, spe, cfg) == pytest.approx(0.1)
+    assert train.lr_at(250 * spe - 1, total, spe, cfg) == pytest.approx(0.1)
+    assert train.lr_at(250 * spe, total, spe, cfg) == pytest.approx(0.01)
+    assert train.lr_at(375 * spe, total, spe, cfg) == pytest.approx(0.001)
+    # --epochs rescales the milestones.
+    assert train.lr_at(50 * spe, 100 * spe, spe, cfg) == pytest.approx(0.01)
+
+
+def test_fast_schedule_warms_up_then_decays_to_zero():
+    cfg = train.resolve_config(dict(recipe='fast', output='x'))
+    spe, total = 10, 600
+    lrs = [train.lr_at(s, total, spe, cfg) for s in range(total)]
+    assert lrs[0] == pytest.approx(cfg['lr'] / 20) and lrs[19] == pytest.approx(cfg['lr'])
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:])) and lrs[-1] < cfg['lr'] / 500
+
+
+def test_optimizer_excludes_norm_and_bias_from_decay_only_when_asked():
+    model = timm.create_model('sd_resnet20')
+    fast = train.build_optimizer(model, train.resolve_config(dict(recipe='fast', output='x')))
+    decayed, plain = fast.param_groups
+    assert decayed['weight_decay'] == 5e-4 and plain['weight_decay'] == 0
+    assert all(p.ndim > 1 for p in decayed['params']) and all(p.ndim == 1 for p in plain['params'])
+    paper = train.build_optimizer(model, train.resolve_config(dict(recipe='paper', output='x')))
+    assert len(paper.param_groups) == 1 and paper.param_groups[0]['nesterov']
+
+
+# --- a full in-process run ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def runs(jpeg_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp('runs')
+    summaries = {name: train.train(dict(TINY, output=root / name, drop_path_rate=rate))
+                 for name, rate in (('sd', 0.5), ('const', 0.0))}
+    return root, summaries
+
+
+def test_run_writes_all_outputs(runs):
+    root, summaries = runs
+    out = root / 'sd'
+    for name in ('final.safetensors', 'best.safetensors', 'metrics.jsonl', 'summary.json', 'run.json',
+                 'curves.png', 'checkpoint.pt'):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    for key in ('train_loss', 'train_err', 'val_err', 'test_err', 'lr', 'epoch_time_s', 'images_per_s',
+                'blocks_executed_measured', 'blocks_expected'):
+        assert rows[-1][key] is not None, key
+    model = timm.create_model('sd_resnet20', drop_path_rate=0.5)
+    assert rows[0]['blocks_expected'] == pytest.approx(model.expected_depth)
+    assert 0 < rows[0]['blocks_executed_measured'] <= model.num_blocks
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary == json.loads(json.dumps(summaries['sd']))
+    best = summary['best_val_epoch']
+    assert summary['test_err_at_best_val'] == rows[best - 1]['test_err']
+    assert summary['final_test_err'] == rows[-1]['test_err']
+    with safe_open(str(out / 'final.safetensors'), 'pt') as f:
+        meta = f.metadata()
+    assert meta['sd_zoo.model'] == 'sd_resnet20' and meta['sd_zoo.data'] == 'cifar10-jpeg75'
+    assert meta['sd_zoo.recipe'] == 'paper' and meta['sd_zoo.num_classes'] == '10'
+    assert json.loads(meta['sd_zoo.sd_config']) == model.sd_config()
+
+
+def test_constant_depth_executes_every_block(runs):
+    root, _ = runs
+    rows = [json.loads(line) for line in (root / 'const' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(r['blocks_executed_measured'] == r['blocks_expected'] == 9 for r in rows)
+
+
+def test_plot_of_two_runs(runs, tmp_path):
+    from sd_zoo.metrics_plot import plot_runs, run_label
+    root, _ = runs
+    assert 'constant depth' in run_label(root / 'const') and 'p_L = 0.5' in run_label(root / 'sd')
+    png = plot_runs([root / 'sd', root / 'const'], tmp_path / 'fig.png')
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_refuses_to_overwrite_or_resume_with_other_settings(runs):
+    root, _ = runs
+    with pytest.raises(ConfigError, match='already holds a run'):
+        train.train(dict(TINY, output=root / 'sd'))
+    with pytest.raises(ConfigError, match='other settings .*lr'):
+        train.train(dict(TINY, output=root / 'sd', resume=True, lr=0.05))
+
+
+def test_checkpoint_loads_with_weights_only(runs):
+    ckpt = torch.load(runs[0] / 'sd' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['step'] == 2 * 128 // 32
+    assert {'torch', 'gate'} <= set(ckpt['rng'])
+
+
+# --- resume after SIGKILL ----------------------------------------------------------------------------
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+def _untimed_metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ('epoch_time_s', 'images_per_s')}
+            for line in path.read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
+    args = ['train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--train-subset', '1024',
+            '--val-size', '128', '--test-subset', '100', '--epochs', '3', '--batch-size', '64', '--seed', '7',
+            '--num-threads', '1', '--quiet']
+    cmd, env = _cli(*args, '--output', str(tmp_path / 'ref'))
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+
+    cmd, env = _cli(*args, '--output', str(tmp_path / 'run'))
+    proc = subprocess.Popen(cmd, env=env)
+    ckpt, metrics = tmp_path / 'run' / 'checkpoint.pt', tmp_path / 'run' / 'metrics.jsonl'
+    deadline = time.time() + 240
+    while not ckpt.exists():  # written once epoch 1 is done
+        assert proc.poll() is None and time.time() < deadline, 'training ended before its first checkpoint'
+        time.sleep(0.05)
+    epoch_time = json.loads(metrics.read_text().splitlines()[0])['epoch_time_s']
+    time.sleep(epoch_time / 2)  # half-way through epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(ckpt, weights_only=True)['epoch'] == 1, 'the kill came after epoch 2 had finished'
+    assert not (tmp_path / 'run' / 'final.safetensors').exists()
+
+    cmd, env = _cli(*args, '--output', str(tmp_path / 'run'), '--resume')
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    for name in ('final.safetensors', 'best.safetensors'):
+        ref, got = _tensors(tmp_path / 'ref' / name), _tensors(tmp_path / 'run' / name)
+        assert ref.keys() == got.keys()
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), f'{name}: {k} differs after resume'
+    assert _untimed_metrics(tmp_path / 'ref' / 'metrics.jsonl') == _untimed_metrics(metrics)
+    run_json = json.loads((tmp_path / 'run' / 'run.json').read_text())
+    assert len(run_json['commands']) == 2 and run_json['commands'][1].endswith('--resume')
+
+
+# --- DDP ---------------------------------------------------------------------------------------------
+
+def test_ddp_two_processes_agree_on_gates_and_weights(jpeg_data, tmp_path):
+    dump = tmp_path / 'dump'
+    cmd, env = _cli('train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--train-subset', '256',
+                    '--val-size', '64', '--test-subset', '100', '--epochs', '1', '--batch-size', '64',
+                    '--max-steps', '3', '--num-threads', '1', '--quiet', '--output', str(tmp_path / 'run'),
+                    '--debug-dump', str(dump))
+    cmd = cmd[:1] + ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'] + cmd[1:]
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    ranks = [json.loads((dump / f'rank{r}.json').read_text()) for r in range(2)]
+    assert [r['world_size'] for r in ranks] == [2, 2]
+    assert len(ranks[0]['gates']) == 3 and ranks[0]['gates'] == ranks[1]['gates']
+    assert not all(all(step) for step in ranks[0]['gates']), 'p_L = 0.5 should have dropped some block'
+    assert ranks[0]['params'] == ranks[1]['params']
+    # Evaluation was split across ranks and summed: it must match a single-process evaluation.
+    model, _ = load_checkpoint_model(tmp_path / 'run' / 'final.safetensors')
+    x, y = data.load_split('cifar10-jpeg75', 'test')
+    idx = data.balanced_subset(y, np.arange(len(y)), 100)
+    single = evaluate(model_logits_fn(model, data.CIFAR10_MEAN, data.CIFAR10_STD), x[idx], y[idx])
+    row = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert row['test_err'] == pytest.approx(single['top1_err'])
+
+
+# --- timm train.py contract --------------------------------------------------------------------------
+
+def test_timm_train_py_create_model_kwargs():
+    model = timm.create_model(
+        'sd_resnet110', pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.5, drop_block_rate=None,
+        global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False, checkpoint_path=None)
+    assert model.num_blocks == 54 and model.survival_probs[-1] == pytest.approx(0.5)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_resolve_data_config():
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model('sd_resnet110'))
+    assert cfg['input_size'] == (3, 32, 32) and cfg['crop_pct'] == 1.0
+    assert cfg['mean'] == pytest.approx(data.CIFAR10_MEAN) and cfg['std'] == pytest.approx(data.CIFAR10_STD)
+
+
+def test_timm_create_optimizer_v2():
+    model = timm.create_model('sd_resnet20')
+    opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4, momentum=0.9)
+    by_decay = {g['weight_decay']: g['params'] for g in opt.param_groups}
+    assert set(by_decay) == {0.0, 1e-4}
+    assert all(p.ndim <= 1 for p in by_decay[0.0]) and all(p.ndim > 1 for p in by_decay[1e-4])
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+    model.train()
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    opt.step()
