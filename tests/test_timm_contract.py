@@ -1,0 +1,48 @@
+"""timm's own model tests (tests/test_models.py of the installed timm's sdist), run on the sd_zoo models.
+
+The sdist is fetched from the package registry at test time into a temporary folder (timm's test code
+is not part of this repository). ``GITHUB_ACTIONS`` is set as in timm's CI, which skips the tests that
+download every registered weight from the Hub. The test is skipped when the registry is unreachable.
+"""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+
+@pytest.fixture(scope='module')
+def timm_tests(tmp_path_factory):
+    dest = tmp_path_factory.mktemp('timm_sdist')
+    cmd = [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:',
+           f'timm=={timm.__version__}', '-d', str(dest)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f'cannot fetch the timm {timm.__version__} sdist from the package registry: {e}')
+    archive = next(dest.glob('timm-*.tar.gz'))
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(('tests/test_models.py', 'tests/conftest.py'))]
+        tar.extractall(dest, members=members, filter='data')
+    return next(dest.glob('timm-*/tests'))
+
+
+@pytest.mark.slow
+def test_timm_test_models_passes_on_sd_zoo_models(timm_tests):
+    env = dict(os.environ, GITHUB_ACTIONS='true', OMP_NUM_THREADS='1')
+    # -p sd_zoo imports the package before collection, so timm's list_models() sees our models;
+    # -k sd_ keeps only the parametrisations over them.
+    cmd = [sys.executable, '-m', 'pytest', '-p', 'sd_zoo', '-p', 'no:cacheprovider', '-q', '-W', 'ignore',
+           '-k', 'sd_', str(timm_tests / 'test_models.py')]
+    proc = subprocess.run(cmd, cwd=timm_tests, env=env, capture_output=True, text=True, timeout=1200)
+    tail = proc.stdout[-3000:]
+    assert proc.returncode == 0, tail
+    summary = tail.strip().splitlines()[-1]
+    passed = int(summary.split(' passed')[0].split()[-1])
+    # forward, backward, FX forward/backward, TorchScript, forward_features for each of the 10
+    # architectures, plus default-cfg checks for each of their pretrained tags.
+    assert passed >= 70, summary
+    assert 'failed' not in summary and 'error' not in summary, summary
