@@ -92,11 +92,11 @@ def main() -> None:
         total = sum(times.values())
         rates[name] = run['images'] / total
         outside = 1 - times['model'] / total
+        ms = {k: 1e3 * v / run['steps'] for k, v in times.items()}
         print(f"  {name:30s} {rates[name]:7.1f} images/s  blocks/step {run['blocks'] / run['steps']:5.2f} "
               f"(expected {run['model'].expected_depth:.2f} of {run['model'].num_blocks})  "
-              f"outside forward/backward {100 * outside:.2f}% "
-              f"(data {1e3 * times['data'] / run['steps']:.1f} ms, optimizer {1e3 * times['optimizer'] / run['steps']:.1f} ms, "
-              f"other {1e3 * times['other'] / run['steps']:.2f} ms per step)")
+              f"outside forward/backward {100 * outside:.2f}% (per step: forward/backward {ms['model']:.0f} ms, "
+              f"data {ms['data']:.1f} ms, optimizer {ms['optimizer']:.1f} ms, other {ms['other']:.2f} ms)")
     sd, const = rates.values()
     print(f'  speed-up from stochastic depth: {sd / const:.2f}x')
 

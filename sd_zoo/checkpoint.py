@@ -72,6 +72,7 @@ def save_weights(model: nn.Module, path: Union[str, Path], model_name: Optional[
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; weights are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

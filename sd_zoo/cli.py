@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     'sd_zoo.hub',
     'sd_zoo.demo',
     'sd_zoo.schedule_plot',
+    'sd_zoo.metrics_plot',
 )
 
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -191,21 +192,21 @@ def _cached_jpeg_archive(archive: Path, n_classes: int) -> Dict[str, Tuple[np.nd
             if str(f['sha256']) != digest:
                 raise ValueError('sha256 mismatch')
             splits = {s: (f[f'{s}_x'], f[f'{s}_y']) for s in ('train', 'test')}
-        for s, (x, y) in splits.items():
+        for x, y in splits.values():
             _check_arrays(x, y, n_classes, f'cache {cache}')
         return splits
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, DataNotFoundError) as e:
-        print(f'sd-zoo: rebuilding unreadable cache {cache} ({e})')
-    print(f'sd-zoo: decoding {archive.name} once (cached as {cache})')
+        print(f'sd-zoo: rebuilding unreadable cache {cache} ({e})', file=sys.stderr)
+    print(f'sd-zoo: decoding {archive.name} once (cached as {cache})', file=sys.stderr)
     splits = _decode_jpeg_archive(archive, n_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename, so a concurrent reader (another DDP rank, another run) never sees half a file.
     tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
+    (train_x, train_y), (test_x, test_y) = splits['train'], splits['test']
     with open(tmp, 'wb') as f:
-        np.savez(f, sha256=np.array(digest), **{f'{s}_{k}': a for s, (x, y) in splits.items()
-                                                  for k, a in (('x', x), ('y', y))})
+        np.savez(f, sha256=np.array(digest), train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
     os.replace(tmp, cache)
     return splits
 

@@ -5,8 +5,9 @@ Predictions come from a callable ``logits_fn(images) -> logits``: ``images`` is 
 same :func:`evaluate` therefore scores a PyTorch model (:func:`model_logits_fn`), an ONNX file
 (``sd_zoo.onnx_runtime.OnnxClassifier(path)``, which must follow that contract) or anything else.
 
-Weights come from a local safetensors file written by ``sd-zoo train`` (its metadata rebuilds the
-model with the stochastic-depth settings it was trained with) or from timm's pretrained tags.
+Weights come from a local safetensors file written by ``sd-zoo train`` (``sd_zoo.checkpoint`` rebuilds
+the model from its metadata, with the stochastic-depth settings it was trained with) or from timm's
+pretrained tags.
 """
 import argparse
 import importlib.util
@@ -19,71 +20,10 @@ import torch
 import torch.distributed as dist
 
 from . import data
-from .errors import ConfigError, WeightsError
+from .checkpoint import load_weights, read_metadata
+from .errors import ConfigError
 
 LogitsFn = Callable[[torch.Tensor], object]
-
-
-def sd_model_kwargs(sd_config: Dict) -> Dict:
-    """timm.create_model kwargs that rebuild a model from its ``sd_config()``."""
-    kwargs = dict(drop_path_rate=sd_config['drop_path_rate'], sd_gate=sd_config['gate'], sd_rule=sd_config['rule'])
-    if sd_config.get('schedule') == 'explicit':
-        kwargs['survival_probs'] = sd_config['survival_probs']
-    else:
-        kwargs['sd_schedule'] = sd_config['schedule']
-    return kwargs
-
-
-def weights_metadata(model, model_name: str, data_name: str, recipe: str) -> Dict[str, str]:
-    """The safetensors metadata that lets :func:`load_checkpoint_model` rebuild a trained model."""
-    return {
-        'sd_zoo.model': model_name,
-        'sd_zoo.sd_config': json.dumps(model.sd_config()),
-        'sd_zoo.num_classes': str(model.num_classes),
-        'sd_zoo.data': data_name,
-        'sd_zoo.recipe': recipe,
-    }
-
-
-def load_checkpoint_model(path, model_name: Optional[str] = None, num_classes: Optional[int] = None):
-    """Build the model a safetensors file was trained as and load it strictly; returns (model, metadata).
-
-    ``model_name`` / ``num_classes`` are needed only for files without sd-zoo metadata.
-    """
-    import timm
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f'checkpoint {path} not found')
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            metadata = f.metadata() or {}
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f'{path} is not a readable safetensors file ({e})') from None
-    model_name = model_name or metadata.get('sd_zoo.model')
-    if not model_name:
-        raise ConfigError(f'{path} has no sd_zoo.model metadata; name the architecture with --model')
-    kwargs = {}
-    if 'sd_zoo.sd_config' in metadata:
-        kwargs.update(sd_model_kwargs(json.loads(metadata['sd_zoo.sd_config'])))
-    num_classes = num_classes or int(metadata.get('sd_zoo.num_classes', 0)) or None
-    if num_classes:
-        kwargs['num_classes'] = num_classes
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or mis_shaped:
-        def show(keys):
-            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') if keys else 'none'
-        raise WeightsError(
-            f'{path} does not fit {model_name} (num_classes={model.num_classes}): missing keys: {show(missing)}; '
-            f'unexpected keys: {show(unexpected)}; shape mismatches: {show(mis_shaped)}')
-    model.load_state_dict(state_dict, strict=True)
-    return model, metadata
 
 
 def model_logits_fn(model: torch.nn.Module, mean: Sequence[float], std: Sequence[float],
@@ -129,37 +69,45 @@ def evaluate(logits_fn: LogitsFn, images, labels, batch_size: int = 1000,
 def evaluate_model(model: torch.nn.Module, data_name: str, split: str = 'test', batch_size: int = 1000,
                    limit: Optional[int] = None, mean: Optional[Sequence[float]] = None,
                    std: Optional[Sequence[float]] = None, root=None) -> Dict[str, float]:
-    """Top-1 / top-5 error of ``model`` on a dataset split (the first ``limit`` images if given).
+    """Top-1 / top-5 error of ``model`` on a dataset split (``limit`` images, class-balanced, if given).
 
     Normalisation defaults to the dataset's statistics; pass the training statistics when they differ.
     """
     info = data.dataset_info(data_name)
-    images, labels = data.load_split(data_name, split, root)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
+    images, labels = load_eval_split(data_name, split, limit, root)
     fn = model_logits_fn(model, mean or info.mean, std or info.std)
     return evaluate(fn, images, labels, batch_size)
 
 
-def _load_onnx(path: str, model_name: Optional[str]) -> Tuple[LogitsFn, str]:
+def load_eval_split(data_name: str, split: str, limit: Optional[int] = None, root=None):
+    """A split, or its first ``limit`` images class by class (the JPEG copies are stored sorted by class)."""
+    images, labels = data.load_split(data_name, split, root)
+    if limit:
+        keep = data.balanced_subset(labels, np.arange(len(labels)), limit)
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def _load_onnx(path: str, device: str) -> LogitsFn:
     if importlib.util.find_spec('sd_zoo.onnx_runtime') is None:
         raise ConfigError('--onnx needs sd_zoo.onnx_runtime, which this installation does not have')
     from .onnx_runtime import OnnxClassifier
-    return OnnxClassifier(path), model_name or Path(path).stem
+    return OnnxClassifier(path, provider='cuda' if device.startswith('cuda') else 'cpu')
 
 
 def _build(args) -> Tuple[LogitsFn, str, int]:
     """The logits function, the model's display name and its number of classes."""
     if args.onnx:
-        fn, name = _load_onnx(args.onnx, args.model)
-        return fn, name, data.num_classes(args.data)
+        fn = _load_onnx(args.onnx, args.device)
+        return fn, args.model or Path(args.onnx).stem, getattr(fn, 'num_classes', None) or data.num_classes(args.data)
     if args.checkpoint:
-        model, metadata = load_checkpoint_model(args.checkpoint, args.model)
+        model = load_weights(args.checkpoint, args.model)
+        metadata = read_metadata(args.checkpoint)
         # Normalise as in training: with the statistics of the dataset the weights were trained on.
-        trained_on = metadata.get('sd_zoo.data')
+        trained_on = metadata.get('data')
         info = data.dataset_info(trained_on if trained_on in data.DATASETS else args.data)
         mean, std = info.mean, info.std
-        name = metadata.get('sd_zoo.model', args.model)
+        name = args.model or metadata['model']
     else:
         import timm
         if not args.model:
@@ -177,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
     logits_fn, name, model_classes = _build(args)
     if model_classes != data.num_classes(args.data):
         raise ConfigError(f'{name} has {model_classes} classes but {args.data} has {data.num_classes(args.data)}')
-    images, labels = data.load_split(args.data, args.split)
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
+    images, labels = load_eval_split(args.data, args.split, args.limit)
     result = evaluate(logits_fn, images, labels, args.batch_size)
     title = data.dataset_info(args.data).title
     print(f'{name} on {title} {args.split} ({result["n"]} images): '
@@ -199,7 +145,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--data', required=True, choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))
     p.add_argument('--batch-size', type=int, default=1000)
-    p.add_argument('--limit', type=int, help='score only the first N images of the split')
+    p.add_argument('--limit', type=int, metavar='N', help='score only the first N images, class-balanced')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--num-threads', type=int, help='torch CPU threads (default: torch decides)')
     p.add_argument('--json', action='store_true', help='print one JSON object last (top1_err, top5_err, n, ...)')

@@ -17,8 +17,10 @@ COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:b
 
 
 def read_metrics(run_dir) -> List[Dict]:
+    """The per-epoch rows of a run's metrics.jsonl ([] before the first epoch)."""
+    path = Path(run_dir) / 'metrics.jsonl'
     rows = []
-    for line in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines():
+    for line in (path.read_text().splitlines() if path.exists() else []):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

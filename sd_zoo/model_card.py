@@ -6,7 +6,7 @@ whose YAML front matter carries the Hub metadata (library, tags, datasets, ``mod
 template. Numbers are percentages rounded to two decimals, in the YAML and in the text alike.
 """
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,8 +42,8 @@ METRICS = (
 )
 
 
-def round_pct(value: float) -> float:
-    return round(float(value), 2)
+def round_pct(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(float(value), 2)
 
 
 def count_params_macs(model: nn.Module, input_size=(3, 32, 32)) -> Tuple[int, int]:
@@ -69,7 +69,7 @@ def eval_results(name: str, facts: Dict[str, Any]):
         dataset_type=facts['dataset_hub_id'], dataset_name=facts['data_title'],
         dataset_config=facts['dataset_config'], dataset_split=ev['split'],
         metric_type=metric, metric_name=title, metric_value=round_pct(ev[key]),
-    ) for metric, title, key in METRICS]
+    ) for metric, title, key in METRICS if ev.get(key) is not None]  # no top-5 from a run's summary
 
 
 def render_card(facts: Dict[str, Any]):
@@ -83,7 +83,9 @@ def render_card(facts: Dict[str, Any]):
     ev = facts['eval']
     sd_zoo_block = dict(
         model=facts['arch'], tag=facts['tag'], data=facts['data'], weights_sha256=facts['sha256'],
-        sd_config=facts['sd'],
+        # the probabilities follow from the schedule, except for an explicit list
+        sd_config={k: v for k, v in facts['sd'].items()
+                   if k != 'survival_probs' or facts['sd']['schedule'] == 'explicit'},
         eval=dict(split=ev['split'], num_images=ev['num_images'], limit=ev['limit'],
                   top1_err=round_pct(ev['top1_err']), top5_err=round_pct(ev['top5_err']),
                   measured_by=ev['measured_by']),
@@ -93,10 +95,9 @@ def render_card(facts: Dict[str, Any]):
         datasets=[facts['dataset_hub_id']], metrics=['accuracy'], model_name=name,
         eval_results=eval_results(name, facts), sd_zoo=sd_zoo_block,
     )
-    rows = [r for r in PAPER_RESULTS if not facts.get('paper_rows_for') or r['data'] in facts['paper_rows_for']]
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), hub_org=HUB_ORG, paper_id=PAPER_ID, license=LICENSE,
-        bibtex=BIBTEX, paper_rows=rows, **facts)
+        bibtex=BIBTEX, paper_rows=PAPER_RESULTS, **facts)
 
 
 def read_card(path) -> Any:
@@ -113,7 +114,7 @@ def card_metrics(card) -> Dict[str, float]:
 def expected_metrics(evaluation: Dict[str, float]) -> Dict[str, float]:
     """The model-index values a card should show for an evaluation dict (top1_err, top5_err)."""
     ev = dict(evaluation, top1_acc=100 - evaluation['top1_err'])
-    return {metric: round_pct(ev[key]) for metric, _, key in METRICS}
+    return {metric: round_pct(ev[key]) for metric, _, key in METRICS if ev.get(key) is not None}
 
 
 def recipe_rows(config: Dict[str, Any]) -> List[Tuple[str, Any]]:

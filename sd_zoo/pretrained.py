@@ -20,6 +20,7 @@ from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
+from .checkpoint import PICKLE_SUFFIXES
 from .errors import ConfigError, WeightsError
 
 HUB_ORG = 'sd-zoo'
@@ -27,7 +28,6 @@ PAPER_ID = 'arXiv:1603.09382'
 PAPER_NAME = 'Deep Networks with Stochastic Depth'
 LICENSE = 'apache-2.0'
 WEIGHTS_FILE = 'model.safetensors'
-PICKLE_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.pkl', '.tar')
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -139,14 +139,12 @@ def refuse_pickle(path: Union[str, Path]) -> None:
 
 def check_safetensors(path: Union[str, Path], what: str) -> None:
     """Read the header of a weights file, so that a truncated or foreign file fails with advice."""
-    from safetensors import safe_open
+    from .checkpoint import read_metadata
     try:
-        with safe_open(str(path), framework='pt'):
-            pass
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise WeightsError(
-            f'{what} {path} is not a readable safetensors file ({e}). Delete it and download or seed it again '
-            f'(`sd-zoo hub seed-cache`), or rebuild it with `sd-zoo hub build`') from e
+        read_metadata(path)
+    except WeightsError as e:
+        raise WeightsError(f'{what} {e}. Delete it and download or seed it again (`sd-zoo hub seed-cache`), '
+                           f'or rebuild it with `sd-zoo hub build`') from e
 
 
 def ensure_hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: bool = True,

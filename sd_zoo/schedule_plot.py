@@ -7,14 +7,14 @@ The Hub model cards embed this plot (``sd-zoo hub build``).
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .stochastic_depth import expected_depth
 
 ProbsSource = Union[Sequence[float], Dict, object]
 
 
-def _probs_and_stages(source: ProbsSource) -> (List[float], List[int]):
+def _probs_and_stages(source: ProbsSource) -> Tuple[List[float], List[int]]:
     """Survival probabilities and the number of blocks per stage (empty when unknown)."""
     if hasattr(source, 'survival_probs'):  # an sd-zoo model
         stages = [len(getattr(source, f'layer{i + 1}')) for i in range(getattr(source, 'num_stages', 0))]

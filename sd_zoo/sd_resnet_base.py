@@ -186,7 +186,8 @@ def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_l
     for k, v in tag_model_args(variant, tag).items():
         kwargs.setdefault(k, v)
     if pretrained:
-        check_weights_available(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        check_weights_available(
+            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
     if kwargs.get('features_only'):
         kwargs.setdefault('out_indices', tuple(range(feature_levels)))
     return build_model_with_cfg(

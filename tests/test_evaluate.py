@@ -1,26 +1,27 @@
 """Evaluation: error counting, rebuilding a trained model from safetensors metadata, the eval command."""
+import argparse
 import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import cli, data, evaluate, train
-from sd_zoo.errors import ConfigError, WeightsError
+from sd_zoo import cli, evaluate
+from sd_zoo.checkpoint import save_weights
+from sd_zoo.data import CIFAR10_MEAN, CIFAR10_STD, data_root
+from sd_zoo.errors import ConfigError
 
 
 def _save(model, path, data_name='cifar10-jpeg75'):
-    train.save_weights(model, path, dict(model=model.pretrained_cfg['architecture'], data=data_name, recipe='paper'))
-    return path
+    return save_weights(model, path, data=data_name, recipe='paper')
 
 
 @pytest.fixture
 def jpeg_test_set():
-    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
+    path = data_root() / 'cifar10-jpeg75.tar.gz'
     if not path.exists():
         pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
 
@@ -29,38 +30,31 @@ def test_evaluate_counts_top1_and_top5_from_numpy_logits():
     labels = torch.arange(10)
     images = torch.zeros(10, 32, 32, 3, dtype=torch.uint8)
     images[:, 0, 0, 0] = labels  # each image carries its label, for a predictor that reads it
-    # Numpy out, as an ONNX runtime gives.
-    perfect = lambda x: np.eye(10, dtype=np.float32)[x[:, 0, 0, 0].numpy()]
+
+    def perfect(x):  # numpy out, as an ONNX runtime gives
+        return np.eye(10, dtype=np.float32)[x[:, 0, 0, 0].numpy()]
+
+    def ranked(x):  # always ranks class 9 first, then 8, 7, ...: top-1 right once, top-5 for labels 5..9
+        return np.tile(np.arange(10, dtype=np.float32), (len(x), 1))
+
     assert evaluate.evaluate(perfect, images, labels, batch_size=3) == dict(top1_err=0.0, top5_err=0.0, n=10)
-    # Always ranks class 9 first, then 8, 7, ...: top-1 right once, top-5 right for labels 5..9.
-    ranked = lambda x: np.tile(np.arange(10, dtype=np.float32), (len(x), 1))
     result = evaluate.evaluate(ranked, images, labels, batch_size=4)
     assert result['top1_err'] == pytest.approx(90.0) and result['top5_err'] == pytest.approx(50.0)
 
 
-def test_checkpoint_metadata_rebuilds_the_trained_model(tmp_path):
-    model = timm.create_model('sd_resnet20', num_classes=100, drop_path_rate=0.2, sd_schedule='uniform',
-                              sd_rule='inverted')
-    path = _save(model, tmp_path / 'w.safetensors', 'cifar100-jpeg75')
-    loaded, meta = evaluate.load_checkpoint_model(path)
-    assert loaded.num_classes == 100 and loaded.sd_config() == model.sd_config()
-    assert meta['sd_zoo.data'] == 'cifar100-jpeg75'
-    x = torch.randn(2, 3, 32, 32)
-    model.eval(), loaded.eval()
-    assert torch.equal(model(x), loaded(x))
-
-
-def test_checkpoint_mismatch_names_the_keys(tmp_path):
-    path = _save(timm.create_model('sd_resnet20'), tmp_path / 'w.safetensors')
-    with pytest.raises(WeightsError) as e:
-        evaluate.load_checkpoint_model(path, model_name='sd_resnet32')
-    assert 'missing keys: layer1.3.' in str(e.value) and 'unexpected keys: none' in str(e.value)
-    save_file({'fc.weight': torch.zeros(10, 64)}, str(tmp_path / 'bare.safetensors'))
-    with pytest.raises(ConfigError, match='--model'):
-        evaluate.load_checkpoint_model(tmp_path / 'bare.safetensors')
-    (tmp_path / 'junk.safetensors').write_bytes(b'not a safetensors file')
-    with pytest.raises(WeightsError, match='not a readable safetensors'):
-        evaluate.load_checkpoint_model(tmp_path / 'junk.safetensors')
+def test_eval_rebuilds_the_checkpoint_with_its_stochastic_depth_settings(tmp_path):
+    """Eval-mode outputs depend on p_l (the paper rule scales each branch by it): they must be the trained ones."""
+    model = timm.create_model('sd_resnet20', drop_path_rate=0.9, sd_schedule='uniform')
+    path = _save(model, tmp_path / 'w.safetensors')
+    args = argparse.Namespace(onnx=None, checkpoint=str(path), model=None, data='cifar10-jpeg75', device='cpu')
+    logits_fn, name, classes = evaluate._build(args)
+    assert (name, classes) == ('sd_resnet20', 10)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    expected = evaluate.model_logits_fn(model, CIFAR10_MEAN, CIFAR10_STD)(images)
+    assert torch.equal(logits_fn(images), expected)
+    default = timm.create_model('sd_resnet20')
+    default.load_state_dict(model.state_dict())
+    assert not torch.allclose(evaluate.model_logits_fn(default, CIFAR10_MEAN, CIFAR10_STD)(images), expected)
 
 
 def test_eval_command_prints_json_last(jpeg_test_set, tmp_path, capsys):
@@ -96,4 +90,4 @@ def test_onnx_without_runtime_module_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec',
                         lambda name, *a: None if name == 'sd_zoo.onnx_runtime' else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match='sd_zoo.onnx_runtime'):
-        evaluate._load_onnx('model.onnx', None)
+        evaluate._load_onnx('model.onnx', 'cpu')

@@ -16,9 +16,12 @@ from safetensors.torch import load_file
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
+import timm.data
+import timm.optim
 from sd_zoo import data, train
 from sd_zoo.errors import ConfigError
-from sd_zoo.evaluate import evaluate, load_checkpoint_model, model_logits_fn
+from sd_zoo.checkpoint import load_weights, read_metadata
+from sd_zoo.evaluate import evaluate, model_logits_fn
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', train_subset=128, val_size=64, test_subset=100,
@@ -88,8 +91,9 @@ def test_optimizer_excludes_norm_and_bias_from_decay_only_when_asked():
 @pytest.fixture(scope='module')
 def runs(jpeg_data, tmp_path_factory):
     root = tmp_path_factory.mktemp('runs')
-    summaries = {name: train.train(dict(TINY, output=root / name, drop_path_rate=rate))
-                 for name, rate in (('sd', 0.5), ('const', 0.0))}
+    # The constant-depth run also exercises the fast recipe (warm-up, label smoothing, no decay on BN/bias).
+    summaries = {name: train.train(dict(TINY, output=root / name, drop_path_rate=rate, recipe=recipe))
+                 for name, rate, recipe in (('sd', 0.5, 'paper'), ('const', 0.0, 'fast'))}
     return root, summaries
 
 
@@ -123,6 +127,7 @@ def test_constant_depth_executes_every_block(runs):
     root, _ = runs
     rows = [json.loads(line) for line in (root / 'const' / 'metrics.jsonl').read_text().splitlines()]
     assert all(r['blocks_executed_measured'] == r['blocks_expected'] == 9 for r in rows)
+    assert read_metadata(root / 'const' / 'final.safetensors')['recipe'] == 'fast'
 
 
 def test_plot_of_two_runs(runs, tmp_path):
@@ -159,7 +164,7 @@ def _untimed_metrics(path):
 
 
 def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
-    args = ['train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--train-subset', '1024',
+    args = ['train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--train-subset', '768',
             '--val-size', '128', '--test-subset', '100', '--epochs', '3', '--batch-size', '64', '--seed', '7',
             '--num-threads', '1', '--quiet']
     cmd, env = _cli(*args, '--output', str(tmp_path / 'ref'))
@@ -207,7 +212,7 @@ def test_ddp_two_processes_agree_on_gates_and_weights(jpeg_data, tmp_path):
     assert not all(all(step) for step in ranks[0]['gates']), 'p_L = 0.5 should have dropped some block'
     assert ranks[0]['params'] == ranks[1]['params']
     # Evaluation was split across ranks and summed: it must match a single-process evaluation.
-    model, _ = load_checkpoint_model(tmp_path / 'run' / 'final.safetensors')
+    model = load_weights(tmp_path / 'run' / 'final.safetensors')
     x, y = data.load_split('cifar10-jpeg75', 'test')
     idx = data.balanced_subset(y, np.arange(len(y)), 100)
     single = evaluate(model_logits_fn(model, data.CIFAR10_MEAN, data.CIFAR10_STD), x[idx], y[idx])

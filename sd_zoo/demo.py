@@ -1,0 +1,204 @@
+"""`sd-zoo demo`: the whole path in one command, without network.
+
+1. Load pretrained weights: the checkout's ``hub_configs/<model>.<tag>/`` (timm's ``local-dir:`` source, the
+   same files ``sd-zoo hub seed-cache`` puts in the Hugging Face cache), else the Hugging Face cache or the
+   Hub; with none of them, an untrained model, said loudly, so the rest still runs.
+2. Classify: image files given on the command line, else the CIFAR-10 (JPEG-75 copy) test set when the
+   data folder is present (a class-balanced subset of ``--limit`` images), else random images.
+3. Export the expected-value network to ONNX (``sd_zoo.onnx_export``) and run it with ONNX Runtime.
+4. Print accuracy where labels exist, PyTorch/ONNX Runtime agreement, and timings.
+
+    sd-zoo demo                                   # sd_resnet20.c10j75 on 1,000 CIFAR-10 test images
+    sd-zoo demo cat.png ship.jpg                  # your images (resized to 32x32)
+    sd-zoo demo --weights runs/r20/final.safetensors --limit 0     # own weights, whole test set
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import pretrained
+from .errors import ConfigError, DataNotFoundError, WeightsError
+
+DEFAULT_MODEL = 'sd_resnet20.c10j75'
+DEFAULT_DATA = 'cifar10-jpeg75'
+
+
+def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
+    """(model in eval mode, where its weights came from, whether they are trained)."""
+    import timm
+    from .checkpoint import load_weights
+
+    if weights:
+        path = Path(weights)
+        if path.is_dir():
+            return timm.create_model(f'local-dir:{path}', pretrained=True).eval(), f'hub folder {path}', True
+        if path.suffix != '.safetensors':
+            pretrained.refuse_pickle(path)
+        return load_weights(path, model_name=None), f'weights file {path}', True
+    shipped = pretrained.SHIPPED_DIR / name
+    if (shipped / pretrained.WEIGHTS_FILE).is_file():
+        model = timm.create_model(f'local-dir:{shipped}', pretrained=True).eval()
+        return model, (f'{shipped.parent.name}/{shipped.name}/ of this checkout (the files that '
+                       f'`sd-zoo hub seed-cache` caches for timm.create_model({name!r}, pretrained=True))'), True
+    try:
+        return timm.create_model(name, pretrained=True).eval(), 'the Hugging Face cache / Hub', True
+    except WeightsError as e:
+        print(f'NOTE: no pretrained weights for {name} here ({e})\n'
+              f'NOTE: continuing with an UNTRAINED {name}, so that export and ONNX Runtime still run; '
+              f'its accuracy is chance level.')
+        return timm.create_model(name, pretrained=False).eval(), 'random initialisation (untrained)', False
+
+
+def class_names(model) -> Optional[List[str]]:
+    from . import data
+    names = model.pretrained_cfg.get('label_names')
+    if names:
+        return list(names)
+    return list(data.CIFAR10_CLASSES) if model.num_classes == len(data.CIFAR10_CLASSES) else None
+
+
+def load_images(paths: Sequence[str], model) -> torch.Tensor:
+    """Image files as one normalised float batch, through timm's eval transform of the model."""
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config(model=model))
+    batch = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                batch.append(transform(im.convert('RGB')))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ConfigError(f'cannot read image {p}: {e}') from None
+    return torch.stack(batch)
+
+
+def demo_inputs(args, model) -> Tuple[Any, Optional[np.ndarray], str]:
+    """(images: uint8 NHWC array or normalised float NCHW tensor, labels or None, description)."""
+    from . import data
+
+    if args.images:
+        return load_images(args.images, model), None, f'{len(args.images)} image file(s)'
+    if not args.random:
+        try:
+            images, labels = data.load_split(args.data, 'test')
+            title = data.dataset_info(args.data).title
+            if args.limit and args.limit < len(labels):
+                idx = data.balanced_subset(labels, np.arange(len(labels)), args.limit)
+                return images[idx], labels[idx], f'{len(idx)} {title} test images (class-balanced subset)'
+            return images, labels, f'all {len(labels)} {title} test images'
+        except DataNotFoundError as e:
+            print(f'NOTE: {e}\nNOTE: using random images instead (no labels, so no accuracy)')
+    n = args.random or 64
+    size = tuple(model.pretrained_cfg['input_size'])
+    images = np.random.default_rng(0).integers(0, 256, (n, size[1], size[2], size[0]), dtype=np.uint8)
+    return images, None, f'{n} random images'
+
+
+def _timed(fn, x, batch_size: int) -> Tuple[float, np.ndarray]:
+    """(seconds, outputs) of ``fn`` over ``x`` in batches, after one warm-up call (first-call setup)."""
+    fn(x[:1])
+    t0 = time.perf_counter()
+    out = np.concatenate([np.asarray(fn(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    return time.perf_counter() - t0, out
+
+
+def top1_err(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(100 * (logits.argmax(1) != labels).mean())
+
+
+def run_demo(args) -> Dict[str, Any]:
+    """Run the demo as ``args`` say (the subcommand's options); print as it goes, return the numbers."""
+    from .evaluate import model_logits_fn
+    from .onnx_export import export_onnx
+    from .onnx_runtime import OnnxClassifier, time_interleaved
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model, source, trained = load_demo_model(args.model, args.weights)
+    cfg = model.pretrained_cfg
+    name = f'{cfg["architecture"]}.{cfg["tag"]}' if cfg.get('tag') else cfg['architecture']
+    print(f'model: {name}, weights from {source}')
+    images, labels, what = demo_inputs(args, model)
+    print(f'inputs: {what}')
+
+    uint8 = isinstance(images, np.ndarray)
+    torch_fn = model_logits_fn(model, cfg['mean'], cfg['std']) if uint8 else model
+    one = images[:1]
+    # PyTorch is timed before ONNX Runtime exists: idle ORT worker threads spin for a while after each
+    # run and would slow PyTorch's threads down on a small machine.
+    with torch.no_grad():
+        torch_s, torch_logits = _timed(lambda x: torch_fn(torch.as_tensor(x)).numpy(), images, args.batch_size)
+        torch_latency = time_interleaved({'pytorch': lambda: torch_fn(torch.as_tensor(one))}, args.repeats)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(args.onnx) if args.onnx else Path(tmp) / f'{name}.onnx'
+        t0 = time.perf_counter()
+        report = export_onnx(model, onnx_path, mean=cfg['mean'], std=cfg['std'])
+        export_s = time.perf_counter() - t0
+        print(f'ONNX: exported {onnx_path.name} ({report.size_bytes / 2 ** 20:.1f} MiB, opset {report.opset}, '
+              f'{report.exporter}) in {export_s:.1f} s' + (f' -> {onnx_path}' if args.onnx else ''))
+        session = OnnxClassifier(onnx_path, threads=args.num_threads)
+        ort_s, ort_logits = _timed(lambda x: session(np.asarray(x)), images, args.batch_size)
+        ort_latency = time_interleaved({'onnxruntime': lambda: session(np.asarray(one))}, args.repeats)
+    latency = dict(torch_latency, **ort_latency)
+
+    n = len(torch_logits)
+    result = dict(
+        model=name, source=source, trained=trained, inputs=what, n=n,
+        agreement=float(100 * (torch_logits.argmax(1) == ort_logits.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(torch_logits - ort_logits).max()),
+        pytorch_ms_per_image=1000 * torch_s / n, onnxruntime_ms_per_image=1000 * ort_s / n,
+        pytorch_latency_ms=1000 * float(np.median(latency['pytorch'])),
+        onnxruntime_latency_ms=1000 * float(np.median(latency['onnxruntime'])),
+        export_s=export_s, predictions=torch_logits.argmax(1).tolist())
+    if labels is not None:
+        result.update(pytorch_top1_err=top1_err(torch_logits, labels),
+                      onnxruntime_top1_err=top1_err(ort_logits, labels))
+        print(f'accuracy: PyTorch {100 - result["pytorch_top1_err"]:.2f}% '
+              f'(top-1 error {result["pytorch_top1_err"]:.2f}%), '
+              f'ONNX Runtime {100 - result["onnxruntime_top1_err"]:.2f}% on {n} images'
+              + ('' if trained else ' (untrained model: chance level)'))
+    names = class_names(model)
+    if args.images:
+        probs = torch.as_tensor(torch_logits).softmax(-1)
+        for path, p in zip(args.images, probs):
+            top = p.topk(min(3, len(p)))
+            shown = ', '.join(f'{names[i] if names else i} {100 * v:.1f}%'
+                              for v, i in zip(top.values.tolist(), top.indices.tolist()))
+            print(f'  {path}: {shown}')
+    print(f'agreement: PyTorch and ONNX Runtime pick the same class for {result["agreement"]:.1f}% of {n} images, '
+          f'max |logit difference| {result["max_abs_diff"]:.2g}')
+    print(f'timing: PyTorch {result["pytorch_ms_per_image"]:.2f} ms/image, ONNX Runtime '
+          f'{result["onnxruntime_ms_per_image"]:.2f} ms/image (batches of {args.batch_size}); batch-1 latency '
+          f'PyTorch {result["pytorch_latency_ms"]:.2f} ms, ONNX Runtime {result["onnxruntime_latency_ms"]:.2f} ms '
+          f'(median of {args.repeats}), {torch.get_num_threads()} torch thread(s)')
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'demo', help='load shipped weights, classify, export to ONNX and compare with ONNX Runtime',
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('images', nargs='*', metavar='IMAGE', help='image files to classify (default: the test set)')
+    p.add_argument('--model', default=DEFAULT_MODEL, help='pretrained name model.tag (default: %(default)s)')
+    p.add_argument('--weights', help='a hub folder (hub_configs/NAME) or a safetensors file to use instead')
+    p.add_argument('--data', default=DEFAULT_DATA, help='test set when no images are given (default: %(default)s)')
+    p.add_argument('--limit', type=int, default=1000,
+                   help='class-balanced subset of the test set, 0 for all (default: %(default)s)')
+    p.add_argument('--random', type=int, metavar='N', help='classify N random images instead of the test set')
+    p.add_argument('--onnx', metavar='PATH', help='keep the exported ONNX file here (default: a temporary file)')
+    p.add_argument('--batch-size', type=int, default=250)
+    p.add_argument('--repeats', type=int, default=20, help='runs of the batch-1 latency timing')
+    p.add_argument('--num-threads', type=int, help='threads for torch and ONNX Runtime (default: theirs)')
+    p.set_defaults(func=run)

@@ -1,0 +1,621 @@
+"""`sd-zoo hub`: turn a training run into a Hugging Face Hub repo folder, verify it, upload it, cache it.
+
+A folder ``hub_configs/<model>.<tag>/`` holds exactly what goes to the Hub repo ``sd-zoo/<model>.<tag>``:
+
+* ``config.json``: timm's layout (written by ``timm.models.save_for_hf``), whose ``model_args`` also carry
+  the stochastic-depth settings (drop_path_rate, sd_schedule or sd_probs, sd_gate, sd_rule) that timm's
+  writer leaves out, so ``timm.create_model('hf-hub:sd-zoo/<model>.<tag>')`` rebuilds the trained network;
+* ``model.safetensors``: the weights, with sd-zoo's metadata (``sd-zoo eval --checkpoint`` reads it);
+* ``README.md``: the model card (``model_card.py``), ``survival_schedule.png`` and, when the run drew
+  them, ``training_curves.png``.
+
+Subcommands::
+
+    sd-zoo hub build --run runs/r20            # -> hub_configs/sd_resnet20.c10j75/ (+ sd_zoo/published.json)
+    sd-zoo hub check                           # every shipped folder: config, weights, card, metrics
+    sd-zoo hub push hub_configs/sd_resnet20.c10j75 --repo-id sd-zoo/sd_resnet20.c10j75 [--dry-run]
+    sd-zoo hub seed-cache                      # hub_configs/* -> the Hugging Face cache, for offline loading
+
+Metrics in a card come from evaluating the shipped weights when the folder is built (or, with
+``--skip-eval``, from the run's summary); ``--limit N`` evaluates a class-balanced subset of N test images,
+the same subset as ``sd-zoo train --test-subset N``.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import pretrained
+from .errors import ConfigError, SDZooError, WeightsError
+
+WEIGHTS = pretrained.WEIGHTS_FILE
+SCHEDULE_PNG = 'survival_schedule.png'
+CURVES_PNG = 'training_curves.png'
+REQUIRED_FILES = ('config.json', WEIGHTS, 'README.md', SCHEDULE_PNG)
+OPTIONAL_FILES = (CURVES_PNG,)
+# The model kwargs that carry a model's stochastic-depth settings (checkpoint.sd_model_kwargs); every
+# folder has the first three and one of the last two.
+SD_ARGS = ('drop_path_rate', 'sd_gate', 'sd_rule', 'sd_schedule', 'sd_probs')
+# pretrained_cfg fields of a folder's config.json that must agree with the registered cfg of its tag.
+CFG_FIELDS = ('num_classes', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'first_conv', 'classifier')
+# Tag prefix of the data a weight was trained on; ``_cd`` is appended for constant depth.
+DATA_TAGS = {'cifar10-jpeg75': 'c10j75', 'cifar100-jpeg75': 'c100j75'}
+
+PathLike = Union[str, Path]
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def infer_tag(data_name: str, drop_path_rate: float) -> str:
+    """``c10j75`` for CIFAR-10 (JPEG-75 copy) with stochastic depth, ``c10j75_cd`` for constant depth, ..."""
+    if data_name not in DATA_TAGS:
+        raise ConfigError(f'no pretrained tag is defined for weights trained on {data_name!r} (known: '
+                          f'{", ".join(DATA_TAGS)}); pass --tag')
+    return DATA_TAGS[data_name] + (pretrained.CONSTANT_DEPTH_SUFFIX if float(drop_path_rate) == 0 else '')
+
+
+def default_out() -> Path:
+    """The checkout's hub_configs/ when running from a checkout, else ./hub_configs."""
+    return pretrained.SHIPPED_DIR if pretrained.SHIPPED_DIR.parent.joinpath('pyproject.toml').exists() \
+        else Path('hub_configs')
+
+
+def is_shipped(folder: PathLike) -> bool:
+    """True for a folder of the checkout's hub_configs/, which the packaged manifest describes."""
+    return Path(folder).resolve().parent == pretrained.SHIPPED_DIR.resolve()
+
+
+def shipped_folders() -> List[Path]:
+    root = pretrained.SHIPPED_DIR
+    return sorted(p for p in root.iterdir() if (p / 'config.json').is_file()) if root.is_dir() else []
+
+
+def _read_json(path: Path, what: str) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f'{what} {path} not found') from None
+    except ValueError as e:
+        raise ConfigError(f'{what} {path} is not valid JSON ({e})') from None
+
+
+def _data_facts(data_name: str) -> Dict[str, Any]:
+    from . import data
+    info = data.dataset_info(data_name)
+    return dict(
+        data=data_name, data_title=info.title, data_base_title=info.title.split(' (')[0],
+        jpeg='jpeg' in data_name, dataset_hub_id='cifar100' if data_name.startswith('cifar100') else 'cifar10',
+        dataset_config='jpeg75' if 'jpeg75' in data_name else None)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+def measure(model, data_name: str, limit: Optional[int] = None) -> Dict[str, Any]:
+    """Top-1/top-5 error on the test split, or on its class-balanced subset of ``limit`` images.
+
+    The JPEG copies list the test set class by class, so a plain "first N" would hold one class only;
+    the balanced subset is the one ``sd-zoo train --test-subset N`` reports on.
+    """
+    from . import data
+    from .evaluate import evaluate, model_logits_fn
+
+    images, labels = data.load_split(data_name, 'test')
+    if limit:
+        idx = data.balanced_subset(labels, np.arange(len(labels)), limit)
+        images, labels = images[idx], labels[idx]
+    cfg = model.pretrained_cfg
+    result = evaluate(model_logits_fn(model.eval(), cfg['mean'], cfg['std']), images, labels)
+    return dict(top1_err=result['top1_err'], top5_err=result['top5_err'], num_images=result['n'], limit=limit or None)
+
+
+# --- build ---------------------------------------------------------------------------------------------
+
+def _reproduce_command(run_dir: Path, run_info: Dict[str, Any], config: Dict[str, Any]) -> Tuple[str, str]:
+    """The run's first recorded command and its output folder, absolute paths cut to their last part
+    (cards are public); a minimal command from the config where the run recorded none."""
+    commands = run_info.get('commands') or []
+    output = f'runs/{run_dir.name}'
+    if not commands:
+        return shlex.join(['sd-zoo', 'train', '--model', str(config.get('model')), '--data', str(config.get('data')),
+                           '--recipe', str(config.get('recipe')), '--output', output]), output
+    tokens = []
+    for token in shlex.split(commands[0]):
+        key, eq, value = token.partition('=') if token.startswith('--') else ('', '', token)
+        is_output = key == '--output' or tokens[-1:] == ['--output']
+        if os.path.isabs(value):
+            value = f'runs/{Path(value).name}' if is_output else Path(value).name
+        if is_output and value:
+            output = value
+        tokens.append(f'{key}{eq}{value}')
+    return shlex.join(tokens), output
+
+
+def _duration(seconds: Optional[float]) -> Optional[str]:
+    if seconds is None:
+        return None
+    return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
+
+
+def _arch_title(arch: str) -> str:
+    import timm
+    doc = timm.models.model_entrypoint(arch).__doc__ or ''
+    match = re.search(r'(CIFAR )?ResNet-\d+', doc)
+    return match.group(0) if match else arch
+
+
+def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[str, Any], run_dir: Path,
+                 checkpoint_name: str, sha256: str, curves: bool) -> Dict[str, Any]:
+    """Everything the model card shows, from the model, its evaluation and the run's files."""
+    from .model_card import count_params_macs, recipe_rows
+
+    summary = _read_json(run_dir / 'summary.json', 'run summary')
+    run_info = _read_json(run_dir / 'run.json', 'run record') if (run_dir / 'run.json').exists() else {}
+    config = dict(summary.get('config') or run_info.get('config') or {})
+    cfg = model.pretrained_cfg
+    params, macs = count_params_macs(model, tuple(cfg['input_size']))
+    sd = model.sd_config()
+    command, output = _reproduce_command(run_dir, run_info, config)
+    return dict(
+        name=f'{arch}.{tag}', arch=arch, tag=tag, repo_id=cfg.get('hf_hub_id') or pretrained.hub_id(arch, tag),
+        arch_title=_arch_title(arch), num_blocks=model.num_blocks,
+        stage_blocks=[len(getattr(model, f'layer{i + 1}')) for i in range(model.num_stages)],
+        num_classes=model.num_classes, input_size=list(cfg['input_size']), mean=list(cfg['mean']),
+        std=list(cfg['std']), params=params, macs=macs, sd=sd, expected_depth=model.expected_depth,
+        constant_depth=sd['drop_path_rate'] == 0 and sd['schedule'] != 'explicit', sha256=sha256,
+        schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
+        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config),
+        reproduce_command=command,
+        run=dict(
+            checkpoint=checkpoint_name, dir_name=output, best_val_epoch=summary.get('best_val_epoch'),
+            final_epoch=summary.get('final_epoch'), test_err_at_best_val=summary.get('test_err_at_best_val'),
+            final_test_err=summary.get('final_test_err'), test_subset=config.get('test_subset'),
+            total_time=_duration(summary.get('total_time_s')), device=run_info.get('device'),
+            world_size=run_info.get('world_size'), torch=run_info.get('torch')),
+        **_data_facts(data_name))
+
+
+def _summary_evaluation(run_dir: Path, checkpoint_name: str) -> Dict[str, Any]:
+    """The test error the run itself measured for the shipped checkpoint (``--skip-eval``)."""
+    summary = _read_json(run_dir / 'summary.json', 'run summary')
+    config = summary.get('config') or {}
+    if config.get('test_subset'):
+        raise ConfigError(f'{run_dir} tested on a class-balanced subset of {config["test_subset"]} images; evaluate '
+                          f'the weights instead of --skip-eval (add --limit {config["test_subset"]} for that subset)')
+    key = 'test_err_at_best_val' if checkpoint_name == 'best.safetensors' else 'final_test_err'
+    if summary.get(key) is None:
+        raise ConfigError(f'{run_dir}/summary.json has no {key}; evaluate the weights instead of --skip-eval')
+    return dict(top1_err=summary[key], top5_err=None, num_images=None, limit=None,
+                measured_by='the training run (summary.json)')
+
+
+def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: Optional[str] = None,
+          tag: Optional[str] = None, out: Optional[PathLike] = None, evaluate: bool = True,
+          limit: Optional[int] = None, manifest: Optional[PathLike] = None) -> Path:
+    """Write ``out/<model>.<tag>/`` from a training run; returns the folder.
+
+    Args:
+        run_dir: a folder written by ``sd-zoo train`` (summary.json, run.json, best/final.safetensors).
+        checkpoint: the weights to ship (default: the run's best.safetensors, else final.safetensors).
+        model_name: architecture, for weights without sd-zoo metadata.
+        tag: pretrained tag (default: inferred from the data and drop_path_rate, see :func:`infer_tag`).
+        out: parent folder (default: the checkout's hub_configs/).
+        evaluate: measure the test error of the weights (else take the run's number).
+        limit: evaluate a class-balanced subset of this many test images.
+        manifest: JSON manifest to record the weight in (the packaged one for the checkout's folders).
+    """
+    from timm.models import get_pretrained_cfg, list_pretrained, save_for_hf
+
+    from . import checkpoint as ckpt
+    from . import data
+    from .model_card import render_card
+    from .schedule_plot import plot_schedule
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f'run folder {run_dir} not found')
+    if checkpoint is None:
+        checkpoint = next((run_dir / f for f in ('best.safetensors', 'final.safetensors') if (run_dir / f).exists()),
+                          run_dir / 'final.safetensors')
+    checkpoint = Path(checkpoint)
+    meta = ckpt.read_metadata(checkpoint)
+    summary = _read_json(run_dir / 'summary.json', 'run summary')
+    arch = meta.get('model') or model_name or summary.get('model')
+    if model_name and arch != model_name:
+        raise ConfigError(f'{checkpoint} holds {arch}, not {model_name}')
+    if not arch:
+        raise ConfigError(f'{checkpoint} does not say which architecture it holds; pass --model')
+    data_name = meta.get('data') or summary.get('data')
+    if not data_name:
+        raise ConfigError(f'neither {checkpoint} nor the run summary says which data it was trained on')
+    sd_config = meta.get('sd_config') or summary.get('sd_config')
+    if not sd_config:
+        raise ConfigError(f'{checkpoint} carries no stochastic-depth settings (sd_zoo.sd_config metadata)')
+    rate = sd_config['drop_path_rate']
+    if tag is None:
+        tag = infer_tag(data_name, rate)  # fails for data without a tag convention: then --tag is needed
+    elif data_name in DATA_TAGS and tag != infer_tag(data_name, rate):
+        raise ConfigError(f'weights trained on {data_name} with drop_path_rate={rate} are tag '
+                          f'{infer_tag(data_name, rate)}, not {tag}')
+    name = f'{arch}.{tag}'
+    registered = get_pretrained_cfg(name)
+    if registered is None:
+        raise ConfigError(f'{name} is not a registered pretrained tag; register it in the model file first '
+                          f'(known: {", ".join(list_pretrained(arch + ".*")) or "none"})')
+    info = data.dataset_info(data_name)
+    if registered.num_classes != info.num_classes or not np.allclose(registered.mean, info.mean) \
+            or not np.allclose(registered.std, info.std):
+        raise ConfigError(f'the registered cfg of {name} (num_classes {registered.num_classes}, mean '
+                          f'{registered.mean}) does not match {data_name}, which the weights were trained on')
+
+    # The tag's cfg (mean/std, hf_hub_id) with the settings the weights were trained with.
+    model = ckpt.load_weights(checkpoint, model_name=name)
+    evaluation = dict(measure(model, data_name, limit), split='test', measured_by='sd-zoo hub build') \
+        if evaluate else dict(_summary_evaluation(run_dir, checkpoint.name), split='test')
+
+    out = Path(out) if out is not None else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out))  # built aside, then swapped in whole
+    try:
+        model_args = ckpt.sd_model_kwargs(model.sd_config())
+        label_names = list(data.CIFAR10_CLASSES) if info.num_classes == len(data.CIFAR10_CLASSES) else None
+        save_for_hf(model, tmp, model_config=dict(label_names=label_names) if label_names else None,
+                    model_args=model_args, safe_serialization=True)
+        # Same tensors again, now with sd-zoo's metadata, so the file also stands alone (sd-zoo eval).
+        ckpt.save_weights(model, tmp / WEIGHTS, arch, data=data_name, tag=tag)
+        os.chmod(tmp / WEIGHTS, 0o644)  # written through mkstemp, hence owner-only; weights are shared
+        sha256 = sha256_file(tmp / WEIGHTS)
+        plot_schedule(model, tmp / SCHEDULE_PNG, title=name)
+        curves = (run_dir / 'curves.png').exists()
+        if curves:
+            shutil.copyfile(run_dir / 'curves.png', tmp / CURVES_PNG)
+        facts = gather_facts(model, arch, tag, data_name, evaluation, run_dir, checkpoint.name, sha256, curves)
+        render_card(facts).save(tmp / 'README.md')
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        os.chmod(folder, 0o755)  # mkdtemp made it private; the folder is meant to be shared
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if manifest is not None:
+        pretrained.write_manifest_entry(name, sha256, model_args, manifest)
+    return folder
+
+
+# --- check ---------------------------------------------------------------------------------------------
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+def _sd_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: model_args[k] for k in SD_ARGS if k in model_args}
+
+
+def _same_args(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+
+def _metric_tolerance(card_pct: float, n_fresh: Optional[int], same_images: bool) -> float:
+    """Rounding only when the same images were scored; else also 4 binomial standard deviations."""
+    rounding = 0.005 + 1e-6
+    if same_images or not n_fresh:
+        return rounding
+    p = min(max(card_pct / 100, 1e-3), 1 - 1e-3)
+    return rounding + 400 * math.sqrt(p * (1 - p) / n_fresh)
+
+
+def check(folder: PathLike, evaluate: bool = True, limit: Optional[int] = None) -> List[str]:
+    """Problems of a hub folder (empty list: it is fit to push); see the subcommand's help for the checks."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from . import checkpoint as ckpt
+    from .model_card import card_metrics, expected_metrics, read_card
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f'{folder} is not a folder']
+    problems = [f'missing file {f}' for f in REQUIRED_FILES if not (folder / f).is_file()]
+    for stray in sorted(folder.iterdir()):
+        if stray.name not in REQUIRED_FILES + OPTIONAL_FILES:
+            problems.append(f'unexpected file {stray.name} (a hub folder holds only {", ".join(REQUIRED_FILES)})'
+                            + (': pickle weights are not shipped' if stray.suffix in ckpt.PICKLE_SUFFIXES else ''))
+    if not (folder / 'config.json').is_file():
+        return problems
+
+    # config.json against the registry
+    try:
+        config = _read_json(folder / 'config.json', 'config')
+    except ConfigError as e:
+        return problems + [str(e)]
+    arch = config.get('architecture')
+    pcfg = config.get('pretrained_cfg') or {}
+    if not arch or not timm.is_model(arch):
+        return problems + [f'config.json: architecture {arch!r} is not a registered timm model '
+                           f'(an sd-zoo model needs `import sd_zoo`; known: sd_resnet20 ... sd_resnet1202)']
+    name = f'{arch}.{pcfg.get("tag")}'
+    registered = get_pretrained_cfg(name)
+    if registered is None:
+        return problems + [f'config.json: {name} is not a registered pretrained tag']
+    if folder.name != name:
+        problems.append(f'folder is named {folder.name} but holds {name}')
+    if config.get('num_classes') != pcfg.get('num_classes'):
+        problems.append(f'config.json: num_classes {config.get("num_classes")} disagrees with pretrained_cfg '
+                        f'num_classes {pcfg.get("num_classes")}')
+    for field in CFG_FIELDS:
+        if not _same(pcfg.get(field), getattr(registered, field)):
+            problems.append(f'config.json: pretrained_cfg {field} = {pcfg.get(field)!r}, but the registered cfg '
+                            f'of {name} has {getattr(registered, field)!r}')
+    model_args = dict(config.get('model_args') or {})
+    missing_args = [k for k in SD_ARGS[:3] if k not in model_args]
+    if not ('sd_schedule' in model_args or 'sd_probs' in model_args):
+        missing_args.append('sd_schedule or sd_probs')
+    if missing_args:
+        problems.append(f'config.json: model_args lack the stochastic-depth settings {", ".join(missing_args)}')
+    for key, value in pretrained.tag_model_args(arch, pcfg.get('tag')).items():
+        if key in model_args and not _same(model_args[key], value):
+            problems.append(f'config.json: model_args {key} = {model_args[key]!r}, but create_model("{name}") '
+                            f'builds {value!r} (sd_zoo.pretrained.TAG_MODEL_ARGS)')
+    try:
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pcfg.get('tag'), **model_args)
+    except (SDZooError, TypeError, ValueError) as e:
+        return problems + [f'config.json: model_args do not build {arch}: {e}']
+    if (model.sd_config()['drop_path_rate'] == 0) != name.endswith(pretrained.CONSTANT_DEPTH_SUFFIX):
+        problems.append(f'{name}: drop_path_rate {model.sd_config()["drop_path_rate"]} does not fit the tag '
+                        f'(constant-depth tags end in {pretrained.CONSTANT_DEPTH_SUFFIX} and only they have 0)')
+
+    # weights
+    weights = folder / WEIGHTS
+    sha256 = sha256_file(weights) if weights.is_file() else None
+    if weights.is_file():
+        try:
+            ckpt.load_into(model, ckpt.load_state_dict(weights), source=f'{folder.name}/{WEIGHTS}')
+        except WeightsError as e:
+            problems.append(str(e))
+            evaluate = False
+    if is_shipped(folder):
+        entry = pretrained.load_manifest().get(name)
+        if entry is None:
+            problems.append(f'{name} is shipped but not in sd_zoo/published.json (rebuild it with sd-zoo hub build)')
+        else:
+            if sha256 and entry.get('sha256') != sha256:
+                problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, '
+                                f'the file has {sha256}')
+            if not _same_args(entry.get('model_args', {}), _sd_args(model_args)):
+                problems.append(f'sd_zoo/published.json model_args of {name} {entry.get("model_args")} differ from '
+                                f'config.json {_sd_args(model_args)}')
+
+    # model card
+    if not (folder / 'README.md').is_file():
+        return problems
+    try:
+        card = read_card(folder / 'README.md')
+    except Exception as e:  # huggingface_hub raises ValueError or YAML errors for a broken front matter
+        return problems + [f'README.md: unreadable model card ({e})']
+    meta = card.data.to_dict()
+    block = meta.get('sd_zoo') or {}
+    if meta.get('library_name') != 'timm' or not set(('image-classification', 'timm', 'stochastic-depth')) <= \
+            set(meta.get('tags') or []):
+        problems.append('README.md: front matter needs library_name: timm and the tags image-classification, '
+                        'timm, stochastic-depth')
+    if sha256 and block.get('weights_sha256') != sha256:
+        problems.append(f'README.md: sha256 {block.get("weights_sha256")} in the card, but {WEIGHTS} has {sha256}')
+    if sha256 and sha256 not in card.text:
+        problems.append(f'README.md: the card text does not show the weights sha256 {sha256}')
+    if (block.get('model'), block.get('tag')) != (arch, pcfg.get('tag')):
+        problems.append(f'README.md: card describes {block.get("model")}.{block.get("tag")}, config.json {name}')
+    for image in re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', card.text):
+        if '://' not in image and not (folder / image).is_file():
+            problems.append(f'README.md: shows {image}, which is not in the folder')
+    card_eval = block.get('eval') or {}
+    metrics = card_metrics(card)
+    if 'accuracy' not in metrics or 'top1_error' not in metrics:
+        problems.append('README.md: model-index lacks the accuracy and top1_error results')
+    elif abs(metrics['accuracy'] + metrics['top1_error'] - 100) > 0.011:
+        problems.append(f'README.md: accuracy {metrics["accuracy"]} and top-1 error {metrics["top1_error"]} '
+                        f'do not add up to 100')
+    if evaluate and metrics and block.get('data'):
+        try:
+            fresh = measure(model, block['data'], limit or card_eval.get('limit'))
+        except SDZooError as e:
+            return problems + [f'cannot evaluate ({e}); pass --skip-eval to check the rest']
+        same_images = (limit or card_eval.get('limit')) == card_eval.get('limit')
+        for metric, value in expected_metrics(fresh).items():
+            if metric not in metrics:
+                continue
+            tol = _metric_tolerance(metrics[metric], fresh['num_images'], same_images)
+            if abs(metrics[metric] - value) > tol:
+                where = 'the same images' if same_images else f'a subset of {fresh["num_images"]} images'
+                problems.append(f'README.md: {metric} {metrics[metric]} in the card, but a fresh evaluation on '
+                                f'{where} gives {value} (tolerance {tol:.3f})')
+    return problems
+
+
+# --- push ----------------------------------------------------------------------------------------------
+
+def upload_files(folder: PathLike) -> List[str]:
+    folder = Path(folder)
+    return [f for f in REQUIRED_FILES + OPTIONAL_FILES if (folder / f).is_file()]
+
+
+def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[str] = None,
+         dry_run: bool = False, endpoint: Optional[str] = None, commit_message: Optional[str] = None):
+    """Upload a checked hub folder with ``HfApi.create_repo`` + ``upload_folder``; returns the CommitInfo.
+
+    The folder must pass :func:`check` (without evaluation). ``dry_run`` returns the list of
+    ``(file, size, sha256)`` that would go up, touching no network.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    problems = check(folder, evaluate=False)
+    if problems:
+        raise WeightsError(f'{folder} is not fit to push:\n  ' + '\n  '.join(problems))
+    files = upload_files(folder)
+    if dry_run:
+        return [(f, (folder / f).stat().st_size, sha256_file(folder / f)) for f in files]
+    api = HfApi(endpoint=endpoint, token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+    return api.upload_folder(
+        repo_id=repo.repo_id, folder_path=folder, allow_patterns=files, repo_type='model',
+        commit_message=commit_message or f'sd-zoo: {folder.name} (weights sha256 {sha256_file(folder / WEIGHTS)[:12]})')
+
+
+# --- seed-cache ----------------------------------------------------------------------------------------
+
+def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None) -> List[Path]:
+    """Copy hub folders into the Hugging Face cache, as if downloaded; returns the snapshot folders.
+
+    Layout of huggingface_hub: ``models--ORG--NAME/blobs/<hash>``, ``snapshots/<revision>/<file>`` (links to
+    the blobs, copies where links are not possible) and ``refs/main`` naming the revision. The revision
+    is a digest of the files, so reseeding the same folder changes nothing. The repo is the one the
+    registry names for the folder's tag, which ``create_model('model.tag', pretrained=True)`` and
+    ``create_model('hf-hub:sd-zoo/model.tag', pretrained=True)`` read.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    from timm.models import get_pretrained_cfg
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    snapshots = []
+    for folder in map(Path, folders):
+        missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+        if missing:
+            raise WeightsError(f'{folder} is not a hub folder (missing {", ".join(missing)})')
+        pretrained.check_safetensors(folder / WEIGHTS, 'weights file')
+        pcfg = _read_json(folder / 'config.json', 'config').get('pretrained_cfg') or {}
+        name = f'{_read_json(folder / "config.json", "config").get("architecture")}.{pcfg.get("tag")}'
+        registered = get_pretrained_cfg(name)
+        if registered is None or not registered.hf_hub_id:
+            raise ConfigError(f'{folder}: {name} is not a registered pretrained tag, so no repo to cache it as')
+        files = {f: sha256_file(folder / f) for f in upload_files(folder)}
+        revision = hashlib.sha1(''.join(f'{f}:{h}\n' for f, h in sorted(files.items())).encode()).hexdigest()
+        storage = cache / repo_folder_name(repo_id=registered.hf_hub_id, repo_type='model')
+        snapshot = storage / 'snapshots' / revision
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (storage / 'blobs').mkdir(exist_ok=True)
+        for f, digest in files.items():
+            blob, link = storage / 'blobs' / digest, snapshot / f
+            if not blob.exists():
+                shutil.copyfile(folder / f, blob)
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            try:
+                link.symlink_to(os.path.relpath(blob, link.parent))
+            except OSError:  # no symlinks (Windows without developer mode): huggingface_hub copies too
+                shutil.copyfile(blob, link)
+        (storage / 'refs').mkdir(exist_ok=True)
+        (storage / 'refs' / 'main').write_text(revision)
+        snapshots.append(snapshot)
+    return snapshots
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+def _folders(args_folders: Sequence[str]) -> List[Path]:
+    folders = [Path(f) for f in args_folders] or shipped_folders()
+    if not folders:
+        raise ConfigError(f'no hub folders given and none in {pretrained.SHIPPED_DIR} yet; build one with '
+                          f'`sd-zoo hub build --run RUN_DIR`')
+    return folders
+
+
+def run_build(args) -> int:
+    out = Path(args.out) if args.out else default_out()
+    manifest = None if args.no_manifest or out.resolve() != pretrained.SHIPPED_DIR.resolve() \
+        else pretrained.MANIFEST_PATH
+    folder = build(args.run, args.checkpoint, args.model, args.tag, out, evaluate=not args.skip_eval,
+                   limit=args.limit, manifest=manifest)
+    print(f'wrote {folder}/ ({", ".join(upload_files(folder))})'
+          + (f'; recorded in {manifest.name}' if manifest else ''))
+    return 0
+
+
+def run_check(args) -> int:
+    failed = 0
+    for folder in _folders(args.folders):
+        problems = check(folder, evaluate=not args.skip_eval, limit=args.limit)
+        print(f'{folder}: ' + ('ok' if not problems else 'FAILED\n  ' + '\n  '.join(problems)))
+        failed += bool(problems)
+    if failed:
+        raise WeightsError(f'{failed} hub folder(s) failed the check')
+    return 0
+
+
+def run_push(args) -> int:
+    result = push(args.folder, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run,
+                  commit_message=args.message)
+    if args.dry_run:
+        print(f'would upload to {args.repo_id}{" (private)" if args.private else ""}:')
+        for f, size, digest in result:
+            print(f'  {f:24s} {size:>12,d} bytes  sha256 {digest}')
+    else:
+        print(f'pushed {args.folder} to {args.repo_id}: {result.commit_url}')
+    return 0
+
+
+def run_seed_cache(args) -> int:
+    for snapshot in seed_cache(_folders(args.folders), args.cache_dir):
+        print(f'cached {snapshot.parent.parent.name} -> {snapshot}')
+    print('load offline with HF_HUB_OFFLINE=1, e.g. '
+          "HF_HUB_OFFLINE=1 python -c \"import sd_zoo, timm; timm.create_model('MODEL.TAG', pretrained=True)\"")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'hub', help='build, check, push and cache Hugging Face Hub repo folders', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='hub_command', metavar='HUB_COMMAND', required=True)
+
+    b = sub.add_parser('build', help='write hub_configs/<model>.<tag>/ from a training run')
+    b.add_argument('--run', required=True, metavar='RUN_DIR', help='folder written by sd-zoo train')
+    b.add_argument('--checkpoint', help='weights to ship (default: RUN_DIR/best.safetensors, else final)')
+    b.add_argument('--model', help='architecture, for weights without sd-zoo metadata')
+    b.add_argument('--tag', help='pretrained tag (default: from the data and drop_path_rate, e.g. c10j75, c10j75_cd)')
+    b.add_argument('--out', help='parent folder (default: the checkout\'s hub_configs/)')
+    b.add_argument('--skip-eval', action='store_true', help='take the test error from the run instead of measuring')
+    b.add_argument('--limit', type=int, metavar='N', help='evaluate a class-balanced subset of N test images')
+    b.add_argument('--no-manifest', action='store_true', help='do not record the weights in sd_zoo/published.json')
+    b.set_defaults(func=run_build)
+
+    c = sub.add_parser('check', help='verify hub folders: config, strict weight load, card metrics and sha256')
+    c.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
+    c.add_argument('--skip-eval', action='store_true', help='do not re-measure the card\'s metrics (large models)')
+    c.add_argument('--limit', type=int, metavar='N',
+                   help='evaluate a class-balanced subset of N test images (compared within sampling error)')
+    c.set_defaults(func=run_check)
+
+    u = sub.add_parser('push', help='upload a hub folder with huggingface_hub')
+    u.add_argument('folder', metavar='FOLDER')
+    u.add_argument('--repo-id', required=True, metavar='ORG/NAME', help=f'e.g. {pretrained.HUB_ORG}/sd_resnet20.c10j75')
+    u.add_argument('--dry-run', action='store_true', help='list what would be uploaded, without network')
+    u.add_argument('--private', action='store_true', help='create the repo private')
+    u.add_argument('--token', help='Hub token (default: HF_TOKEN or the token saved by `hf auth login`)')
+    u.add_argument('--message', help='commit message')
+    u.set_defaults(func=run_push)
+
+    s = sub.add_parser('seed-cache', help='copy hub folders into the Hugging Face cache for offline loading')
+    s.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
+    s.add_argument('--cache-dir', help='Hugging Face hub cache (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)')
+    s.set_defaults(func=run_seed_cache)
