@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import pretrained
+from .data import sha256_file
 from .errors import ConfigError, SDZooError, WeightsError
 
 WEIGHTS = pretrained.WEIGHTS_FILE
@@ -51,14 +52,6 @@ CFG_FIELDS = ('num_classes', 'input_size', 'mean', 'std', 'interpolation', 'crop
 DATA_TAGS = {'cifar10-jpeg75': 'c10j75', 'cifar100-jpeg75': 'c100j75'}
 
 PathLike = Union[str, Path]
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def infer_tag(data_name: str, drop_path_rate: float) -> str:

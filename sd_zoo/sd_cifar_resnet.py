@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import create_classifier, get_act_layer, get_norm_layer, register_notrace_module
+from timm.layers import create_classifier, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from .errors import ConfigError
@@ -128,21 +128,13 @@ class SDCifarResNet(SDResNetBase):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if drop_block_rate:
-            raise ConfigError('drop_block_rate is not supported by the CIFAR ResNets; leave it at 0')
         if len(channels) != 3:
             raise ConfigError(f'the CIFAR ResNets have 3 stages; got {len(channels)} channel widths')
         if blocks_per_stage < 1:
             raise ConfigError(f'blocks_per_stage must be >= 1, got {blocks_per_stage}')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        act_layer = get_act_layer(act_layer)
-        norm_layer = get_norm_layer(norm_layer)
-
-        num_blocks = blocks_per_stage * len(channels)
-        probs = self._init_stochastic_depth(num_blocks, drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+        act_layer, norm_layer, probs = self._init_common(
+            num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
+            3 * blocks_per_stage, drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
 
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False, **dd)
         self.bn1 = norm_layer(channels[0], **dd)

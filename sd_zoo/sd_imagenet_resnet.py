@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from timm.layers import create_classifier, get_act_layer, get_norm_layer, register_notrace_module
+from timm.layers import create_classifier, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, make_blocks
 
@@ -77,15 +77,11 @@ class SDImageNetResNet(SDResNetBase):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if drop_block_rate:
-            raise ConfigError('drop_block_rate is not supported by sd-zoo ResNets; leave it at 0')
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        act_layer = get_act_layer(act_layer)
-        norm_layer = get_norm_layer(norm_layer)
-        probs = self._init_stochastic_depth(sum(layers), drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+        if len(layers) != 4:
+            raise ConfigError(f'the ImageNet ResNets have 4 stages; got layers={layers}')
+        act_layer, norm_layer, probs = self._init_common(
+            num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
+            sum(layers), drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
 
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
         self.bn1 = norm_layer(64, **dd)
@@ -93,8 +89,6 @@ class SDImageNetResNet(SDResNetBase):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
         channels = (64, 128, 256, 512)
-        if len(layers) != 4:
-            raise ConfigError(f'the ImageNet ResNets have 4 stages; got layers={layers}')
         stages, stage_info = make_blocks(
             (SDBottleneck,) * len(layers), channels, layers, 64,
             act_layer=act_layer, norm_layer=norm_layer, **dd)

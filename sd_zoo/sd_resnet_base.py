@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier, get_act_layer, get_device_dtype, get_norm_layer
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
@@ -49,17 +49,24 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
 class SDResNetBase(StochasticDepthMixin, nn.Module):
     """timm's standard model interface over a stem, ``num_stages`` stages of gated blocks and a head."""
 
-    def _init_stochastic_depth(self, num_blocks, drop_path_rate, schedule, probs, gate, rule) -> List[float]:
-        """Resolve the per-block survival probabilities and record the settings for :meth:`sd_config`."""
+    def _init_common(self, num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
+                     num_blocks, drop_path_rate, schedule, probs, gate, rule):
+        """Settings every sd-zoo ResNet shares; returns (act_layer, norm_layer, per-block probabilities)."""
+        if drop_block_rate:
+            raise ConfigError('drop_block_rate is not supported by sd-zoo ResNets; leave it at 0')
         if gate not in GATES:
             raise ConfigError(f'unknown sd_gate {gate!r}; choose one of {GATES}')
         if rule not in RULES:
             raise ConfigError(f'unknown sd_rule {rule!r}; choose one of {RULES}')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         resolved = survival_probs(num_blocks, drop_path_rate, schedule if probs is None else probs)
         self._sd_config = dict(
             schedule='explicit' if probs is not None else schedule, drop_path_rate=float(drop_path_rate),
             survival_probs=resolved, gate=gate, rule=rule)
-        return resolved
+        return get_act_layer(act_layer), get_norm_layer(norm_layer), resolved
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
