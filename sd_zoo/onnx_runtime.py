@@ -7,14 +7,15 @@ stored in the file) or with a float32 NCHW batch that is already normalised; it 
 CPU sessions use full graph optimisation, sequential execution and one thread per physical core,
 which together make the exported network several times faster than PyTorch eager at batch 1.
 CUDA sessions (``onnxruntime-gpu``) choose cuDNN algorithms by heuristic (no per-shape benchmarking,
-so the same algorithm, hence the same bits, in every session), keep TF32 off unless asked, bind
+so every session makes the same choice, which bit-identical outputs need), keep TF32 off unless asked, bind
 inputs and outputs on the device, and fail loudly when CUDA cannot be used rather than quietly
-running on the CPU.
+running on the CPU. :func:`time_interleaved` is the latency measurement the ONNX benchmarks share.
 """
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -48,14 +49,21 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(threads: Optional[int] = None, strict_cuda: bool = False):
-    """Session options tuned for inference latency on the CPU (and harmless on CUDA)."""
+def session_options(threads: Optional[int] = None, strict_cuda: bool = False, spinning: bool = True):
+    """Session options tuned for inference latency on the CPU (and harmless on CUDA).
+
+    ``spinning=False`` stops idle worker threads from busy-waiting after a run: slightly slower wake-ups,
+    but they no longer take cores from other work in the process (PyTorch, in a benchmark).
+    """
     ort = import_onnxruntime()
     so = ort.SessionOptions()
+    # ENABLE_ALL includes the CPU layout pass (blocked NCHWc convolutions with fused Add and ReLU).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     if strict_cuda:
         # Session creation then fails if any node would be placed on the CPU provider.
         so.add_session_config_entry('session.disable_cpu_ep_fallback', '1')
@@ -97,6 +105,7 @@ class OnnxClassifier:
         threads: CPU threads for one inference; default one per physical core.
         mean, std: input normalisation for :meth:`predict_uint8`; default the values stored in the file.
         strict_cuda: with CUDA, refuse a graph any of whose nodes ORT would place on the CPU.
+        spinning: let idle CPU worker threads busy-wait for the next run (ORT's default).
     """
 
     def __init__(
@@ -109,6 +118,7 @@ class OnnxClassifier:
             mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None,
             strict_cuda: bool = False,
+            spinning: bool = True,
     ):
         ort = import_onnxruntime()
         self.path = Path(path)
@@ -129,7 +139,8 @@ class OnnxClassifier:
             providers = ['CPUExecutionProvider']
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, strict_cuda and provider == 'cuda'), providers=providers)
+                str(self.path), session_options(threads, strict_cuda and provider == 'cuda', spinning),
+                providers=providers)
         except Exception as e:  # ORT raises its own pybind error types (InvalidProtobuf, Fail, ...)
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f'{self.path} is not an ONNX model that ONNX Runtime can load: {first_line}') from e
@@ -212,6 +223,15 @@ class OnnxClassifier:
         return self._run(np.ascontiguousarray(x, dtype=self.input_dtype))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        fixed = self.input_shape[0]
+        if fixed is not None and x.shape[0] != fixed and x.ndim == 4:
+            # A graph exported with a fixed batch runs any batch: in chunks, the last one zero-padded.
+            chunks = []
+            for start in range(0, x.shape[0], fixed):
+                chunk = x[start:start + fixed]
+                pad = np.zeros((fixed - len(chunk),) + chunk.shape[1:], dtype=chunk.dtype)
+                chunks.append(self._run(np.concatenate([chunk, pad]) if len(pad) else chunk)[:len(chunk)])
+            return np.concatenate(chunks) if chunks else np.zeros((0, self.num_classes or 0), np.float32)
         self.check_input(x.shape)
         if self.provider == 'cpu':
             return self.session.run([self.output_name], {self.input_name: x})[0]
@@ -245,3 +265,28 @@ class OnnxClassifier:
     def __repr__(self) -> str:
         return (f'OnnxClassifier({self.path.name!r}, provider={self.provider!r}, input={self.input_shape}, '
                 f'num_classes={self.num_classes})')
+
+
+def time_interleaved(
+        fns: Dict[str, Callable[[], Any]],
+        repeats: int,
+        warmup: int = 2,
+        sync: Optional[Callable[[], None]] = None,
+) -> Dict[str, List[float]]:
+    """Seconds per call of each function, timed round-robin so that a load change hits all of them alike.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, for asynchronous devices.
+    """
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -1,0 +1,147 @@
+"""`sd-zoo validate`: score an exported ONNX classifier on a CIFAR split with ONNX Runtime.
+
+Reports the top-1 / top-5 error of the ONNX graph. Given the PyTorch weights it came from
+(``--checkpoint`` or ``--model NAME.TAG --pretrained``), it also reports how often the two agree on
+the top-1 class and their largest logit difference; the PyTorch model is rebuilt with the survival
+probabilities stored in the ONNX file, so both sides compute the same expected-value network.
+``--compare OTHER.onnx`` does the same against another ONNX file (fp16 against fp32, for example).
+"""
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from . import data
+from .errors import ConfigError, ExportError
+from .onnx_runtime import PROVIDERS, OnnxClassifier
+
+ReferenceFn = Callable[[Any], Any]
+
+
+def check_fits_dataset(clf: OnnxClassifier, data_name: str, image_shape) -> None:
+    """Raise :class:`ExportError` if the graph cannot classify this dataset's images."""
+    n_classes = data.num_classes(data_name)
+    h, w, c = image_shape
+    _, chans, height, width = clf.input_shape
+    problems = []
+    if chans is not None and chans != c:
+        problems.append(f'it takes {chans}-channel input, the images have {c} channels')
+    if (height, width) != (None, None) and (height, width) != (h, w):
+        problems.append(f'it takes {height}x{width} input, the images are {h}x{w}')
+    if clf.num_classes is not None and clf.num_classes != n_classes:
+        problems.append(f'it has {clf.num_classes} outputs, {data_name} has {n_classes} classes')
+    if problems:
+        raise ExportError(f'{clf.path.name} does not fit {data_name}: {"; ".join(problems)}')
+
+
+def pytorch_reference(
+        clf: OnnxClassifier,
+        model_name: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        pretrained: bool = False,
+) -> ReferenceFn:
+    """uint8 -> logits of the PyTorch model an ONNX file was exported from, with the same normalisation."""
+    from .evaluate import model_logits_fn
+    from .onnx_export import build_model
+
+    if checkpoint is None and not pretrained:
+        raise ConfigError('the PyTorch reference needs weights: give --checkpoint FILE or --pretrained')
+    sd_config = clf.metadata.get('sd_config') or {}
+    probs = sd_config.get('survival_probs')
+    model, _ = build_model(model_name, pretrained, checkpoint, sd_schedule=probs)
+    if clf.mean is None:
+        raise ExportError(f'{clf.path.name} stores no mean/std to normalise the PyTorch input with')
+    return model_logits_fn(model, clf.mean, clf.std)
+
+
+def validate_onnx(
+        path,
+        data_name: str = 'cifar10-jpeg75',
+        split: str = 'test',
+        limit: Optional[int] = None,
+        batch_size: int = 500,
+        provider: str = 'cpu',
+        reference: Optional[ReferenceFn] = None,
+        classifier: Optional[OnnxClassifier] = None,
+) -> Dict[str, Any]:
+    """Top-1 / top-5 error of an ONNX file on a dataset split, and its agreement with ``reference``.
+
+    ``reference`` maps a uint8 batch [B, H, W, C] to logits (a PyTorch model through
+    :func:`pytorch_reference`, or another :class:`OnnxClassifier`).
+    """
+    from .evaluate import evaluate, load_eval_split
+
+    clf = classifier or OnnxClassifier(path, provider)
+    images, labels = load_eval_split(data_name, split, limit)
+    check_fits_dataset(clf, data_name, images.shape[1:])
+    stats = dict(agree=0, n=0, max_abs_diff=0.0, ref_scale=0.0)
+
+    def logits_fn(batch):
+        out = clf(batch)
+        if reference is not None:
+            ref = reference(batch)
+            ref = ref.detach().cpu().numpy() if hasattr(ref, 'detach') else np.asarray(ref)
+            stats['agree'] += int((out.argmax(1) == ref.argmax(1)).sum())
+            stats['n'] += len(out)
+            stats['max_abs_diff'] = max(stats['max_abs_diff'], float(np.abs(out - ref).max()))
+            stats['ref_scale'] = max(stats['ref_scale'], float(np.abs(ref).max()))
+        return out
+
+    result = evaluate(logits_fn, images, labels, batch_size)
+    result.update(data=data_name, split=split, onnx=Path(path).name, provider=provider)
+    if reference is not None:
+        result.update(top1_agreement=100.0 * stats['agree'] / max(stats['n'], 1),
+                      max_abs_diff=stats['max_abs_diff'], reference_logit_scale=stats['ref_scale'])
+    return result
+
+
+def format_result(r: Dict[str, Any], reference_name: Optional[str] = None) -> str:
+    title = data.dataset_info(r['data']).title
+    line = (f'{r["onnx"]} on {title} {r["split"]} ({r["n"]} images, ONNX Runtime {r["provider"]}): '
+            f'top-1 error {r["top1_err"]:.2f}%, top-5 error {r["top5_err"]:.2f}%')
+    if 'top1_agreement' in r:
+        line += (f'\n  against {reference_name}: top-1 agreement {r["top1_agreement"]:.2f}%, max |logit difference| '
+                 f'{r["max_abs_diff"]:.3g} (logit scale {r["reference_logit_scale"]:.3g})')
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    clf = OnnxClassifier(args.onnx, args.provider)
+    reference, reference_name = None, None
+    if args.compare:
+        reference, reference_name = OnnxClassifier(args.compare, args.provider), Path(args.compare).name
+    elif args.checkpoint or args.model:
+        reference = pytorch_reference(clf, args.model, args.checkpoint, args.pretrained)
+        reference_name = f'PyTorch {args.checkpoint or args.model}'
+    result = validate_onnx(args.onnx, args.data, args.split, args.limit, args.batch_size, args.provider,
+                           reference=reference, classifier=clf)
+    print(format_result(result, reference_name))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def add_validate_arguments(p: argparse.ArgumentParser) -> None:
+    """The validate options, shared by ``sd-zoo validate`` and export/onnx_validate.py."""
+    p.add_argument('onnx', help='the .onnx file to score')
+    p.add_argument('--data', default='cifar10-jpeg75', choices=list(data.DATASETS))
+    p.add_argument('--split', default='test', choices=('test', 'train'))
+    p.add_argument('--limit', type=int, help='score only the first N images of the split, class by class')
+    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--provider', choices=PROVIDERS, default='cpu')
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument('--checkpoint', help='safetensors file the ONNX was exported from: report agreement with it')
+    ref.add_argument('--compare', help='another .onnx file (e.g. the fp32 export): report agreement with it')
+    p.add_argument('--model', help='architecture[.tag] of the PyTorch reference (with --checkpoint or --pretrained)')
+    p.add_argument('--pretrained', action='store_true', help="the reference uses the tag's published weights")
+    p.add_argument('--json', action='store_true', help='print one JSON object last')
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'validate', help='score an ONNX file on a CIFAR split with ONNX Runtime', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_validate_arguments(p)
+    p.set_defaults(func=run)
