@@ -171,7 +171,7 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         std=list(cfg['std']), params=params, macs=macs, sd=sd, expected_depth=model.expected_depth,
         constant_depth=sd['drop_path_rate'] == 0 and sd['schedule'] != 'explicit', sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
-        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config),
+        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device')),
         reproduce_command=command,
         run=dict(
             checkpoint=checkpoint_name, dir_name=output, best_val_epoch=summary.get('best_val_epoch'),

@@ -117,14 +117,19 @@ def expected_metrics(evaluation: Dict[str, float]) -> Dict[str, float]:
     return {metric: round_pct(ev[key]) for metric, _, key in METRICS if ev.get(key) is not None}
 
 
-def recipe_rows(config: Dict[str, Any]) -> List[Tuple[str, Any]]:
-    """The training settings worth showing, in a stable order, skipping unset ones."""
+def recipe_rows(config: Dict[str, Any], device: Optional[str] = None) -> List[Tuple[str, Any]]:
+    """The training settings worth showing, in a stable order, skipping unset ones.
+
+    ``amp`` is shown only for CUDA runs: the trainer ignores it elsewhere, so a CPU card must not claim it.
+    """
     keys = ('model', 'data', 'recipe', 'epochs', 'batch_size', 'lr', 'schedule', 'milestones', 'gamma',
             'warmup_epochs', 'momentum', 'nesterov', 'weight_decay', 'decay_norm_and_bias', 'label_smoothing',
             'amp', 'drop_path_rate', 'sd_schedule', 'sd_gate', 'sd_rule', 'val_size', 'train_subset', 'seed')
     rows = []
     for key in keys:
         value = config.get(key)
+        if key == 'amp' and not str(device or '').startswith('cuda'):
+            continue
         if value is None or value == () or value == []:
             continue
         if isinstance(value, (list, tuple)):

@@ -121,7 +121,6 @@ class StochasticDepth(nn.Module):
         self.planned: Optional[Union[bool, torch.Tensor]] = None
         # With gradient checkpointing the block runs again in backward and must see the same gate.
         self.hold_plan = False
-        self.last_keep: Optional[bool] = None
         self.num_calls = 0
         self.num_executed = 0
 
@@ -153,14 +152,12 @@ class StochasticDepth(nn.Module):
         keep = self.next_gate(x.shape[0])
         self.num_calls += 1
         if isinstance(keep, bool):
-            self.last_keep = keep
             if not keep:
                 return _SkippedBranch.apply(shortcut, *branch_params())
             self.num_executed += 1
             out = branch(x)
             return shortcut + out / self.survival_prob if self.rule == 'inverted' else shortcut + out
         # Per-sample gate: the branch runs for the whole batch and a mask zeroes the dropped samples.
-        self.last_keep = None
         self.num_executed += 1
         out = branch(x)
         scale = keep.to(device=out.device, dtype=out.dtype)
@@ -271,13 +268,3 @@ class StochasticDepthMixin:
         for m in self.stochastic_depth_modules():
             m.hold_plan = enable
 
-
-def apply_survival_probs(model: nn.Module, probs: Sequence[float]) -> None:
-    """Set each block's survival probability in place (block order), e.g. to fold another schedule."""
-    modules = [m for m in model.modules() if isinstance(m, StochasticDepth)]
-    if len(probs) != len(modules):
-        raise ConfigError(f'got {len(probs)} survival probabilities for a net of {len(modules)} blocks')
-    for m, p in zip(modules, probs):
-        if not 0.0 <= float(p) <= 1.0:
-            raise ConfigError(f'survival probability {p} is outside [0, 1]')
-        m.survival_prob = float(p)
