@@ -4,10 +4,16 @@ Importing the package registers the models with timm::
 
     import sd_zoo, timm
     model = timm.create_model('sd_resnet110')   # p_L = 0.5, linear decay, paper scaling rule
+
+:func:`load_model` loads a pretrained tag, a Hub folder or a weights file with the settings and the
+normalisation its weights were trained with.
 """
 from .errors import SDZooError
 from .stochastic_depth import StochasticDepth, expected_depth, survival_probs
 from .sd_cifar_resnet import SDCifarResNet
 from .sd_imagenet_resnet import SDImageNetResNet
+from .loader import load_model
+from .pruning import prune_blocks
+from .uncertainty import mc_predict
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'

@@ -1,129 +1,121 @@
-"""Weights files: safetensors with the model's stochastic-depth settings in the metadata.
+"""Weights files: safetensors whose metadata lets sd-zoo rebuild the network, and whose bytes are verified.
 
-A weights file written by sd-zoo carries, as safetensors string metadata:
+A weights file written by sd-zoo carries, as safetensors string metadata (``files.encode_metadata``):
 
 * ``sd_zoo.model``: the registered architecture (``sd_resnet110``);
 * ``sd_zoo.num_classes``, ``sd_zoo.in_chans``;
-* ``sd_zoo.sd_config``: JSON of the stochastic-depth settings (schedule, drop_path_rate, survival_probs,
-  gate, rule), so that evaluation and ONNX export use the probabilities the weights were trained with;
-* anything else the caller adds (``sd_zoo.data``, ``sd_zoo.recipe``, ...).
+* ``sd_zoo.model_args``: the stochastic-depth settings as ``create_model`` keyword arguments
+  (``model.sd_config()``), so that evaluation and export rebuild the network the weights were trained as;
+* ``sd_zoo.tensors_sha256``: a digest of every tensor's name, dtype, shape and bytes, checked on each load;
+* anything else the caller adds (``sd_zoo.data``, ``sd_zoo.recipe``, ``sd_zoo.init_from``, ...).
 
-Weights load from safetensors only; pickle-based files are refused unless a caller asks for them
-explicitly (and are then read with ``torch.load(weights_only=True)``).
+The header is written with its keys in a fixed order, so the same tensors and metadata always give the
+same file, byte for byte. Weights load from safetensors only: nothing is ever unpickled.
 """
+import hashlib
 import json
-import os
-import tempfile
-import warnings
+import struct
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, WeightsError
+from .files import atomic_write, decode_metadata, encode_metadata, refuse_pickle
 
-PREFIX = 'sd_zoo.'
-PICKLE_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.pkl', '.tar')
-
-
-def sd_model_kwargs(sd_config: Dict[str, Any]) -> Dict[str, Any]:
-    """``create_model`` kwargs that rebuild a model with the given stochastic-depth settings."""
-    kwargs = dict(
-        drop_path_rate=float(sd_config.get('drop_path_rate', 0.5)),
-        sd_gate=sd_config.get('gate', 'batch'),
-        sd_rule=sd_config.get('rule', 'paper'),
-    )
-    schedule = sd_config.get('schedule', 'linear')
-    if schedule == 'explicit':
-        kwargs['sd_probs'] = [float(p) for p in sd_config['survival_probs']]
-    else:
-        kwargs['sd_schedule'] = schedule
-    return kwargs
+PathLike = Union[str, Path]
 
 
-def weights_metadata(model: nn.Module, model_name: Optional[str] = None, **extra: Any) -> Dict[str, str]:
-    """The safetensors metadata that lets :func:`load_weights` rebuild ``model`` exactly."""
+def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Digest of a state dict's contents: each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f'{name}|{t.dtype}|{tuple(t.shape)}|'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_metadata(model: nn.Module, model_name: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
+    """The metadata that lets :func:`sd_zoo.load_model` rebuild ``model`` exactly."""
     name = model_name or getattr(model, 'pretrained_cfg', {}).get('architecture')
     if not name:
         raise ConfigError('cannot tell the architecture of this model: pass model_name=')
-    meta = {
-        'format': 'pt',
-        PREFIX + 'model': name,
-        PREFIX + 'num_classes': str(model.num_classes),
-        PREFIX + 'in_chans': str(getattr(model, 'in_chans', 3)),
-    }
+    meta: Dict[str, Any] = dict(model=name, num_classes=str(model.num_classes), in_chans=str(getattr(model, 'in_chans', 3)))
     if hasattr(model, 'sd_config'):
-        meta[PREFIX + 'sd_config'] = json.dumps(model.sd_config())
-    for k, v in extra.items():
-        meta[PREFIX + k] = v if isinstance(v, str) else json.dumps(v)
+        meta['model_args'] = model.sd_config()
+    meta.update(extra)
     return meta
 
 
-def save_weights(model: nn.Module, path: Union[str, Path], model_name: Optional[str] = None, **extra: Any) -> Path:
-    """Write the model's state dict as safetensors, atomically (temp file in the same folder + rename)."""
-    from safetensors.torch import save_file
+def _canonical(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header re-serialised in sorted key order (same tensors, same offsets)."""
+    (n,) = struct.unpack('<Q', blob[:8])
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(',', ':')).encode()
+    header += b' ' * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+    return struct.pack('<Q', len(header)) + header + blob[8 + n:]
+
+
+def save_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = None, **extra: Any) -> Path:
+    """Write the model's state dict as safetensors with sd-zoo's metadata, atomically and reproducibly."""
+    from safetensors.torch import save
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = weights_metadata(model, model_name, **extra)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; weights are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    meta['tensors_sha256'] = tensors_sha256(state)
+    blob = _canonical(save(state, metadata=dict(encode_metadata(meta), format='pt')))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(blob))
 
 
-def _check_file(path: Path, allow_pickle: bool) -> None:
-    if not path.is_file():
-        raise WeightsError(f'weights file {path} does not exist')
-    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise WeightsError(
-            f'{path} is a pickle-based checkpoint; sd-zoo loads weights from safetensors only, since unpickling '
-            f'can run arbitrary code. Convert it where you trust it (safetensors.torch.save_file), or pass '
-            f'allow_pickle=True to read it with torch.load(weights_only=True)')
+def _unreadable(path: Path, e: Exception) -> WeightsError:
+    return WeightsError(f'{path} is not a readable safetensors file ({e}); re-download or re-export it')
 
 
-def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
+def read_metadata(path: PathLike) -> Dict[str, Any]:
     """The ``sd_zoo.*`` metadata of a safetensors file, JSON values decoded, prefix removed."""
     from safetensors import safe_open
 
     path = Path(path)
-    _check_file(path, allow_pickle=False)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise WeightsError(f'weights file {path} does not exist')
     try:
         with safe_open(str(path), framework='pt') as f:
-            raw = f.metadata() or {}
+            return decode_metadata(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise WeightsError(f'{path} is not a readable safetensors file ({e}); re-download or re-export it') from e
-    meta = {}
-    for k, v in raw.items():
-        if not k.startswith(PREFIX):
-            continue
-        try:
-            meta[k[len(PREFIX):]] = json.loads(v)
-        except ValueError:
-            meta[k[len(PREFIX):]] = v
-    return meta
+        raise _unreadable(path, e) from e
 
 
-def load_state_dict(path: Union[str, Path], allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a weights file; safetensors unless ``allow_pickle`` is given for a .pth-style file."""
+def load_state_dict(path: PathLike, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, after checking its bytes.
+
+    ``sha256``: the digest the whole file must have (a published manifest entry, a cache blob's name).
+    A file written by sd-zoo also carries the digest of its tensors, which is always checked.
+    """
+    from safetensors.torch import load
+
     path = Path(path)
-    _check_file(path, allow_pickle)
-    if path.suffix in PICKLE_SUFFIXES:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        return state.get('state_dict', state) if isinstance(state, dict) else state
-    from safetensors.torch import load_file
+    meta = read_metadata(path)
+    blob = path.read_bytes()
+    if sha256 is not None:
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != sha256:
+            raise WeightsError(f'{path} is corrupt: its sha256 is {actual}, but {sha256} was recorded for it; '
+                               f'delete it and download or rebuild it')
     try:
-        return load_file(str(path))
+        state = load(blob)
     except Exception as e:
-        raise WeightsError(f'{path} is not a readable safetensors file ({e}); re-download or re-export it') from e
+        raise _unreadable(path, e) from e
+    recorded = meta.get('tensors_sha256')
+    if recorded is not None:
+        actual = tensors_sha256(state)
+        if actual != recorded:
+            raise WeightsError(f'{path} is corrupt: its tensors digest to {actual}, but the file records {recorded}; '
+                               f'delete it and download or rebuild it')
+    return state
 
 
 def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'state dict') -> None:
@@ -141,45 +133,3 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str
             f'missing keys: {_fmt(missing)}; unexpected keys: {_fmt(unexpected)}; '
             f'shape mismatches: {_fmt(wrong_shape)}. Is it a checkpoint of another architecture or class count?')
     model.load_state_dict(state_dict, strict=True)
-
-
-def load_weights(
-        path: Union[str, Path],
-        model_name: Optional[str] = None,
-        allow_pickle: bool = False,
-        **model_kwargs: Any,
-) -> nn.Module:
-    """Build the model a weights file was trained as and load it (eval mode).
-
-    Args:
-        path: a safetensors file written by sd-zoo (or any safetensors state dict with ``model_name``).
-        model_name: architecture; defaults to the file's ``sd_zoo.model`` metadata.
-        allow_pickle: accept a pickle-based file (read with ``torch.load(weights_only=True)``).
-        **model_kwargs: override the stored settings, e.g. ``drop_path_rate=0.2``.
-    """
-    import timm
-
-    path = Path(path)
-    meta = read_metadata(path) if path.suffix not in PICKLE_SUFFIXES else {}
-    name = model_name or meta.get('model')
-    if not name:
-        raise WeightsError(f'{path} does not say which architecture it holds; pass the model name (--model)')
-    kwargs: Dict[str, Any] = {}
-    if 'num_classes' in meta:
-        kwargs['num_classes'] = int(meta['num_classes'])
-    if 'in_chans' in meta:
-        kwargs['in_chans'] = int(meta['in_chans'])
-    if 'sd_config' in meta:
-        kwargs.update(sd_model_kwargs(meta['sd_config']))
-    elif not any(k in model_kwargs for k in ('drop_path_rate', 'sd_probs')):
-        warnings.warn(
-            f'{path} carries no stochastic-depth settings; using the defaults of {name} '
-            f'(drop_path_rate=0.5, linear, paper rule). Pass drop_path_rate= if it was trained otherwise.')
-    if 'sd_probs' in model_kwargs:
-        kwargs.pop('sd_schedule', None)
-    elif 'sd_schedule' in model_kwargs or 'drop_path_rate' in model_kwargs:
-        kwargs.pop('sd_probs', None)
-    kwargs.update(model_kwargs)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    load_into(model, load_state_dict(path, allow_pickle=allow_pickle), source=str(path))
-    return model.eval()

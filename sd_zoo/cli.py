@@ -1,4 +1,4 @@
-"""The ``sd-zoo`` command: one subcommand per workflow (train, eval, export, validate, hub, schedule).
+"""The ``sd-zoo`` command: one subcommand per workflow (train, eval, export, validate, hub, demo, plot, timm, ...).
 
 Each workflow module owns its arguments through ``add_parser(subparsers)``, which registers a
 subparser and sets ``func`` to the function that runs it; this file only wires them together.
@@ -15,10 +15,12 @@ _COMMAND_MODULES = (
     'sd_zoo.evaluate',
     'sd_zoo.onnx_export',
     'sd_zoo.onnx_validate',
+    'sd_zoo.prune_curve',
     'sd_zoo.hub',
     'sd_zoo.demo',
     'sd_zoo.schedule_plot',
     'sd_zoo.metrics_plot',
+    'sd_zoo.timm_scripts',
 )
 
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog='sd-zoo',
         description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.',
     )
+    parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(name) is None:
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
     try:
         result = args.func(args)
     except SDZooError as e:
+        if args.debug:
+            raise
         print(f'sd-zoo {args.command}: error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ Files are looked up in ``$SD_ZOO_DATA``, by default ``../shared/data`` next to t
 Training follows the paper: 45k/5k train/validation split of the training set with a fixed seed,
 4-pixel zero padding + random 32x32 crop + horizontal flip, done batched on tensors by :class:`Loader`.
 """
-import hashlib
+import gzip
 import io
 import os
 import pickle
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataNotFoundError
+from .files import atomic_write, sha256_file
 
 # Published statistics of the lossless training sets (the JPEG copies are within 0.003 of them).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -55,18 +56,22 @@ class DatasetInfo:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     splits: Tuple[str, ...] = ('train', 'test')
+    sha256: Optional[str] = None  # of the file as published (PROVENANCE.md of the data folder)
 
 
 DATASETS: Dict[str, DatasetInfo] = {
     'cifar10': DatasetInfo('CIFAR-10', 10, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
     'cifar100': DatasetInfo('CIFAR-100', 100, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
     'cifar10-jpeg75': DatasetInfo(
-        'CIFAR-10 (JPEG-75 copy)', 10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD),
+        'CIFAR-10 (JPEG-75 copy)', 10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD,
+        sha256='097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297'),
     'cifar100-jpeg75': DatasetInfo(
-        'CIFAR-100 (JPEG-75 copy)', 100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD),
+        'CIFAR-100 (JPEG-75 copy)', 100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD,
+        sha256='66a619d54ec09607d2de8ffc7ec4e9d9e1d594d5c9d9b58a9c3c40ccb3a3308c'),
     'cifar10-lossless4000': DatasetInfo(
         'CIFAR-10 (first 4,000 lossless training images)', 10, 'cifar10-train-first4000-lossless.npz', 'npz',
-        CIFAR10_MEAN, CIFAR10_STD, splits=('train',)),
+        CIFAR10_MEAN, CIFAR10_STD, splits=('train',),
+        sha256='5a3a42d44290a419b420982b8bebee85690907a7a4ec2535b9ce037d0c54d8cb'),
 }
 
 # Files of torchvision's pickled layout, per split.
@@ -114,9 +119,10 @@ def load_split(name: str, split: str, root: Optional[os.PathLike] = None) -> Tup
     if info.kind == 'pickle':
         x, y = _read_pickle_split(path, split)
     elif info.kind == 'npz':
+        verify_archive(path, info.sha256)
         x, y = _read_npz(path)
     else:
-        x, y = _cached_jpeg_archive(path, info.num_classes)[split]
+        x, y = _cached_jpeg_archive(path, info.num_classes, info.sha256)[split]
     _check_arrays(x, y, info.num_classes, f'{name} {split} ({path})')
     return x, y.astype(np.int64)
 
@@ -170,12 +176,21 @@ def _read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise DataNotFoundError(f'{path} is not a readable .npz with arrays x and y ({e})') from None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+def verify_archive(path: Path, expected: Optional[str]) -> str:
+    """The file's sha256, after checking it against the published digest (or, if none is recorded, that a
+    gzip file reads to its end, where gzip checks its CRC); DataNotFoundError for a corrupt file."""
+    digest = sha256_file(path)
+    if expected is not None and digest != expected:
+        raise DataNotFoundError(f'{path} is corrupt: its sha256 is {digest}, the published file has {expected}; '
+                                f'copy it again (PROVENANCE.md of the data folder lists the digests)')
+    if expected is None and path.name.endswith('.gz'):
+        try:
+            with gzip.open(path, 'rb') as f:
+                while f.read(1 << 20):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataNotFoundError(f'{path} is corrupt or truncated ({e}); copy it again') from None
+    return digest
 
 
 def cache_path(archive: Path, digest: str) -> Path:
@@ -183,9 +198,10 @@ def cache_path(archive: Path, digest: str) -> Path:
     return cache_dir() / f'{stem}-{digest[:16]}.npz'
 
 
-def _cached_jpeg_archive(archive: Path, n_classes: int) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """Both splits of a JPEG archive, from the cache when it matches the archive's sha256."""
-    digest = sha256_file(archive)
+def _cached_jpeg_archive(archive: Path, n_classes: int,
+                         sha256: Optional[str] = None) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Both splits of a JPEG archive, from the cache when it matches the archive's verified sha256."""
+    digest = verify_archive(archive, sha256)
     cache = cache_path(archive, digest)
     try:
         with np.load(cache, allow_pickle=False) as f:
@@ -202,12 +218,13 @@ def _cached_jpeg_archive(archive: Path, n_classes: int) -> Dict[str, Tuple[np.nd
     print(f'sd-zoo: decoding {archive.name} once (cached as {cache})', file=sys.stderr)
     splits = _decode_jpeg_archive(archive, n_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename, so a concurrent reader (another DDP rank, another run) never sees half a file.
-    tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
+    # Atomic, so a concurrent reader (another DDP rank, another run) never sees half a file.
     (train_x, train_y), (test_x, test_y) = splits['train'], splits['test']
-    with open(tmp, 'wb') as f:
-        np.savez(f, sha256=np.array(digest), train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    os.replace(tmp, cache)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, 'wb') as f:
+            np.savez(f, sha256=np.array(digest), train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    atomic_write(cache, write)
     return splits
 
 
@@ -274,8 +291,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Zero-pad by 4, crop 32x32 at ``offsets`` [B, 2] (row, col in 0..8), mirror where ``flips`` [B].
 
-    Applied after normalisation, so the padding is the mean colour, as in fb.resnet.torch, which the
-    paper's code builds on. One gather for the whole batch, no per-image Python.
+    Applied after normalisation, so the padding is the mean colour, as in the paper's own CIFAR loader
+    (cifar-dataset.lua of the authors' code). One gather for the whole batch, no per-image Python.
     """
     b, c, h, w = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD))

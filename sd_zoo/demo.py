@@ -30,28 +30,22 @@ DEFAULT_DATA = 'cifar10-jpeg75'
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
     """(model in eval mode, where its weights came from, whether they are trained)."""
-    import timm
-    from .checkpoint import load_weights
+    from .loader import load_model
 
     if weights:
-        path = Path(weights)
-        if path.is_dir():
-            return timm.create_model(f'local-dir:{path}', pretrained=True).eval(), f'hub folder {path}', True
-        if path.suffix != '.safetensors':
-            pretrained.refuse_pickle(path)
-        return load_weights(path, model_name=None), f'weights file {path}', True
-    shipped = pretrained.SHIPPED_DIR / name
-    if (shipped / pretrained.WEIGHTS_FILE).is_file():
-        model = timm.create_model(f'local-dir:{shipped}', pretrained=True).eval()
-        return model, (f'{shipped.parent.name}/{shipped.name}/ of this checkout (the files that '
-                       f'`sd-zoo hub seed-cache` caches for timm.create_model({name!r}, pretrained=True))'), True
+        return load_model(weights), f'{weights}', True
     try:
-        return timm.create_model(name, pretrained=True).eval(), 'the Hugging Face cache / Hub', True
+        model = load_model(name)
     except WeightsError as e:
         print(f'NOTE: no pretrained weights for {name} here ({e})\n'
               f'NOTE: continuing with an UNTRAINED {name}, so that export and ONNX Runtime still run; '
               f'its accuracy is chance level.')
-        return timm.create_model(name, pretrained=False).eval(), 'random initialisation (untrained)', False
+        return load_model(name, pretrained=False), 'random initialisation (untrained)', False
+    shipped = pretrained.SHIPPED_DIR / name
+    where = (f'{shipped.parent.name}/{shipped.name}/ of this checkout (the files that `sd-zoo hub seed-cache` '
+             f'caches for timm.create_model({name!r}, pretrained=True))' if shipped.is_dir()
+             else 'the Hugging Face cache / Hub')
+    return model, where, True
 
 
 def class_names(model) -> Optional[List[str]]:
@@ -122,7 +116,9 @@ def run_demo(args) -> Dict[str, Any]:
         torch.set_num_threads(args.num_threads)
     model, source, trained = load_demo_model(args.model, args.weights)
     cfg = model.pretrained_cfg
-    name = f'{cfg["architecture"]}.{cfg["tag"]}' if cfg.get('tag') else cfg['architecture']
+    # Your own weights are named after their file, never after a published tag they are not.
+    weights = Path(args.weights) if args.weights else None
+    name = (weights.name if weights.is_dir() else weights.stem) if weights else args.model
     print(f'model: {name}, weights from {source}')
     images, labels, what = demo_inputs(args, model)
     print(f'inputs: {what}')

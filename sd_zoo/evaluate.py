@@ -5,9 +5,8 @@ Predictions come from a callable ``logits_fn(images) -> logits``: ``images`` is 
 same :func:`evaluate` therefore scores a PyTorch model (:func:`model_logits_fn`), an ONNX file
 (``sd_zoo.onnx_runtime.OnnxClassifier(path)``, which must follow that contract) or anything else.
 
-Weights come from a local safetensors file written by ``sd-zoo train`` (``sd_zoo.checkpoint`` rebuilds
-the model from its metadata, with the stochastic-depth settings it was trained with) or from timm's
-pretrained tags.
+Models come from :func:`sd_zoo.load_model`: a pretrained tag, a Hub folder, or a safetensors file
+written by ``sd-zoo train``, each rebuilt with the settings and normalisation it was trained with.
 """
 import argparse
 import importlib.util
@@ -20,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from . import data
-from .checkpoint import load_weights, read_metadata
 from .errors import ConfigError
+from .loader import load_model
 
 LogitsFn = Callable[[torch.Tensor], object]
 
@@ -67,16 +66,38 @@ def evaluate(logits_fn: LogitsFn, images, labels, batch_size: int = 1000,
 
 
 def evaluate_model(model: torch.nn.Module, data_name: str, split: str = 'test', batch_size: int = 1000,
-                   limit: Optional[int] = None, mean: Optional[Sequence[float]] = None,
-                   std: Optional[Sequence[float]] = None, root=None) -> Dict[str, float]:
+                   limit: Optional[int] = None, root=None) -> Dict[str, float]:
     """Top-1 / top-5 error of ``model`` on a dataset split (``limit`` images, class-balanced, if given).
 
-    Normalisation defaults to the dataset's statistics; pass the training statistics when they differ.
+    Inputs are normalised as the model's weights expect (``model.pretrained_cfg`` mean and std, which
+    :func:`sd_zoo.load_model` sets to the statistics of the data they were trained on).
     """
-    info = data.dataset_info(data_name)
     images, labels = load_eval_split(data_name, split, limit, root)
-    fn = model_logits_fn(model, mean or info.mean, std or info.std)
-    return evaluate(fn, images, labels, batch_size)
+    return evaluate(model_logits_fn(model, *normalization(model)), images, labels, batch_size)
+
+
+def normalization(model: torch.nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) the model's weights expect."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return tuple(cfg.get('mean', data.CIFAR10_MEAN)), tuple(cfg.get('std', data.CIFAR10_STD))
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``torch.device(name)`` (default: cuda if available), or a ConfigError for one this machine lacks."""
+    if not name:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f'unknown device {name!r}; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {name}: this machine has no CUDA GPU (or torch was built without CUDA); '
+                          f'use --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f'--device {name}: only {torch.cuda.device_count()} CUDA device(s) here')
+    if device.type not in ('cpu', 'cuda'):
+        raise ConfigError(f'--device {name}: sd-zoo runs on cpu or cuda')
+    return device
 
 
 def load_eval_split(data_name: str, split: str, limit: Optional[int] = None, root=None):
@@ -95,36 +116,47 @@ def _load_onnx(path: str, device: str) -> LogitsFn:
     return OnnxClassifier(path, provider='cuda' if device.startswith('cuda') else 'cpu')
 
 
-def _build(args) -> Tuple[LogitsFn, str, int]:
-    """The logits function, the model's display name and its number of classes."""
+def _check_args(args) -> None:
+    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--limit', args.limit, 0),
+                             ('--num-threads', args.num_threads, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f'{flag} must be >= {low}, got {value}')
+
+
+def eval_model(args) -> Tuple[torch.nn.Module, str]:
+    """The PyTorch model of ``--model`` / ``--checkpoint`` on ``--device``, and its display name."""
+    if not (args.model or args.checkpoint):
+        raise ConfigError('give --model NAME[.TAG] (pretrained weights) or --checkpoint FILE')
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, model_name=args.model) if args.checkpoint else load_model(args.model)
+    name = args.model or model.pretrained_cfg.get('architecture')
+    if model.num_classes != data.num_classes(args.data):
+        raise ConfigError(f'{name} has {model.num_classes} classes but {args.data} has {data.num_classes(args.data)}')
+    return model.to(device), name
+
+
+def _build(args) -> Tuple[LogitsFn, str]:
+    """The logits function and the model's display name."""
     if args.onnx:
-        fn = _load_onnx(args.onnx, args.device)
-        return fn, args.model or Path(args.onnx).stem, getattr(fn, 'num_classes', None) or data.num_classes(args.data)
-    if args.checkpoint:
-        model = load_weights(args.checkpoint, args.model)
-        metadata = read_metadata(args.checkpoint)
-        # Normalise as in training: with the statistics of the dataset the weights were trained on.
-        trained_on = metadata.get('data')
-        info = data.dataset_info(trained_on if trained_on in data.DATASETS else args.data)
-        mean, std = info.mean, info.std
-        name = args.model or metadata['model']
-    else:
-        import timm
-        if not args.model:
-            raise ConfigError('give --model NAME[.TAG] (pretrained weights) or --checkpoint FILE')
-        model = timm.create_model(args.model, pretrained=True)
-        mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-        name = args.model
-    model.to(args.device)
-    return model_logits_fn(model, mean, std), name, model.num_classes
+        fn = _load_onnx(args.onnx, str(resolve_device(args.device)))
+        classes = getattr(fn, 'num_classes', None) or data.num_classes(args.data)
+        if classes != data.num_classes(args.data):
+            raise ConfigError(f'{args.onnx} has {classes} classes but {args.data} has {data.num_classes(args.data)}')
+        return fn, args.model or Path(args.onnx).stem
+    model, name = eval_model(args)
+    return model_logits_fn(model, *normalization(model)), name
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    logits_fn, name, model_classes = _build(args)
-    if model_classes != data.num_classes(args.data):
-        raise ConfigError(f'{name} has {model_classes} classes but {args.data} has {data.num_classes(args.data)}')
+    if args.mc_samples is not None:  # depth sampling needs the PyTorch model itself, not a logits function
+        from .uncertainty import run_mc_eval
+        return run_mc_eval(args)
+    if args.plot:
+        raise ConfigError('--plot draws the reliability diagrams of --mc-samples N; add --mc-samples')
+    logits_fn, name = _build(args)
     images, labels = load_eval_split(args.data, args.split, args.limit)
     result = evaluate(logits_fn, images, labels, args.batch_size)
     title = data.dataset_info(args.data).title
@@ -146,7 +178,13 @@ def add_parser(subparsers) -> None:
     p.add_argument('--split', default='test', choices=('test', 'train'))
     p.add_argument('--batch-size', type=int, default=1000)
     p.add_argument('--limit', type=int, metavar='N', help='score only the first N images, class-balanced')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if available)')
     p.add_argument('--num-threads', type=int, help='torch CPU threads (default: torch decides)')
     p.add_argument('--json', action='store_true', help='print one JSON object last (top1_err, top5_err, n, ...)')
+    g = p.add_argument_group('uncertainty from depth (sd_zoo.uncertainty)')
+    g.add_argument('--mc-samples', type=int, metavar='N',
+                   help='calibration of the expected-value net, of it temperature-scaled (T fitted on the validation '
+                        'images held out of training; --limit caps them too) and of an N-sample depth ensemble')
+    g.add_argument('--plot', metavar='FILE', help='with --mc-samples: reliability diagrams side by side (PNG)')
+    g.add_argument('--seed', type=int, default=0, help='seed of the depth samples (default 0)')
     p.set_defaults(func=run)

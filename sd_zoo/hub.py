@@ -3,8 +3,8 @@
 A folder ``hub_configs/<model>.<tag>/`` holds exactly what goes to the Hub repo ``sd-zoo/<model>.<tag>``:
 
 * ``config.json``: timm's layout (written by ``timm.models.save_for_hf``), whose ``model_args`` also carry
-  the stochastic-depth settings (drop_path_rate, sd_schedule or sd_probs, sd_gate, sd_rule) that timm's
-  writer leaves out, so ``timm.create_model('hf-hub:sd-zoo/<model>.<tag>')`` rebuilds the trained network;
+  the stochastic-depth settings (``model.sd_config()``) that timm's writer leaves out, so
+  ``timm.create_model('hf-hub:sd-zoo/<model>.<tag>')`` rebuilds the trained network;
 * ``model.safetensors``: the weights, with sd-zoo's metadata (``sd-zoo eval --checkpoint`` reads it);
 * ``README.md``: the model card (``model_card.py``), ``survival_schedule.png`` and, when the run drew
   them, ``training_curves.png``.
@@ -32,34 +32,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 
 from . import pretrained
-from .data import sha256_file
 from .errors import ConfigError, SDZooError, WeightsError
+from .files import new_file_mode, sha256_file
 
 WEIGHTS = pretrained.WEIGHTS_FILE
 SCHEDULE_PNG = 'survival_schedule.png'
 CURVES_PNG = 'training_curves.png'
 REQUIRED_FILES = ('config.json', WEIGHTS, 'README.md', SCHEDULE_PNG)
 OPTIONAL_FILES = (CURVES_PNG,)
-# The model kwargs that carry a model's stochastic-depth settings (checkpoint.sd_model_kwargs); every
-# folder has the first three and one of the last two.
-SD_ARGS = ('drop_path_rate', 'sd_gate', 'sd_rule', 'sd_schedule', 'sd_probs')
 # pretrained_cfg fields of a folder's config.json that must agree with the registered cfg of its tag.
 CFG_FIELDS = ('num_classes', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'first_conv', 'classifier')
-# Tag prefix of the data a weight was trained on; ``_cd`` is appended for constant depth.
-DATA_TAGS = {'cifar10-jpeg75': 'c10j75', 'cifar100-jpeg75': 'c100j75'}
 
 PathLike = Union[str, Path]
-
-
-def infer_tag(data_name: str, drop_path_rate: float) -> str:
-    """``c10j75`` for CIFAR-10 (JPEG-75 copy) with stochastic depth, ``c10j75_cd`` for constant depth, ..."""
-    if data_name not in DATA_TAGS:
-        raise ConfigError(f'no pretrained tag is defined for weights trained on {data_name!r} (known: '
-                          f'{", ".join(DATA_TAGS)}); pass --tag')
-    return DATA_TAGS[data_name] + (pretrained.CONSTANT_DEPTH_SUFFIX if float(drop_path_rate) == 0 else '')
 
 
 def default_out() -> Path:
@@ -99,20 +85,11 @@ def _data_facts(data_name: str) -> Dict[str, Any]:
 # --- evaluation ----------------------------------------------------------------------------------------
 
 def measure(model, data_name: str, limit: Optional[int] = None) -> Dict[str, Any]:
-    """Top-1/top-5 error on the test split, or on its class-balanced subset of ``limit`` images.
+    """Top-1/top-5 error on the test split, or on its class-balanced subset of ``limit`` images (the
+    subset ``sd-zoo train --test-subset N`` reports on)."""
+    from .evaluate import evaluate_model
 
-    The JPEG copies list the test set class by class, so a plain "first N" would hold one class only;
-    the balanced subset is the one ``sd-zoo train --test-subset N`` reports on.
-    """
-    from . import data
-    from .evaluate import evaluate, model_logits_fn
-
-    images, labels = data.load_split(data_name, 'test')
-    if limit:
-        idx = data.balanced_subset(labels, np.arange(len(labels)), limit)
-        images, labels = images[idx], labels[idx]
-    cfg = model.pretrained_cfg
-    result = evaluate(model_logits_fn(model.eval(), cfg['mean'], cfg['std']), images, labels)
+    result = evaluate_model(model, data_name, 'test', limit=limit)
     return dict(top1_err=result['top1_err'], top5_err=result['top5_err'], num_images=result['n'], limit=limit or None)
 
 
@@ -169,7 +146,7 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         stage_blocks=[len(getattr(model, f'layer{i + 1}')) for i in range(model.num_stages)],
         num_classes=model.num_classes, input_size=list(cfg['input_size']), mean=list(cfg['mean']),
         std=list(cfg['std']), params=params, macs=macs, sd=sd, expected_depth=model.expected_depth,
-        constant_depth=sd['drop_path_rate'] == 0 and sd['schedule'] != 'explicit', sha256=sha256,
+        constant_depth=model.expected_depth == model.num_blocks, sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
         val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device')),
         reproduce_command=command,
@@ -196,22 +173,52 @@ def _summary_evaluation(run_dir: Path, checkpoint_name: str) -> Dict[str, Any]:
                 measured_by='the training run (summary.json)')
 
 
+def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, tag: Optional[str]):
+    """The weights as the registered ``model.tag`` they are published as, after checking the two agree."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from .loader import load_model
+
+    model = load_model(checkpoint, model_name=model_name)
+    arch = model.pretrained_cfg['architecture']
+    tag = tag or pretrained.tag_for(data_name, model.sd_config())
+    name = f'{arch}.{tag}'
+    registered = get_pretrained_cfg(name)
+    if registered is None:
+        raise ConfigError(f'{name} is not a registered pretrained tag; register it in the model file first '
+                          f'(known: {", ".join(timm.list_pretrained(arch + ".*")) or "none"})')
+    if pretrained.tag_info(tag).data != data_name:
+        raise ConfigError(f'{name} means weights trained on {pretrained.tag_info(tag).data}; these were trained '
+                          f'on {data_name}')
+    expected = timm.create_model(name).sd_config()
+    if expected != model.sd_config():
+        raise ConfigError(f'these weights were trained with {model.sd_config()}, but create_model("{name}") builds '
+                          f'{expected}: give them a tag that means their settings (sd_zoo/pretrained.py TAGS)')
+    model.pretrained_cfg = model.default_cfg = registered.to_dict()
+    return model, arch, tag
+
+
 def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: Optional[str] = None,
           tag: Optional[str] = None, out: Optional[PathLike] = None, evaluate: bool = True,
-          limit: Optional[int] = None, manifest: Optional[PathLike] = None) -> Path:
+          limit: Optional[int] = None, manifest: Optional[PathLike] = None, force: bool = False,
+          pruning_rows: int = 7) -> Path:
     """Write ``out/<model>.<tag>/`` from a training run; returns the folder.
 
     Args:
         run_dir: a folder written by ``sd-zoo train`` (summary.json, run.json, best/final.safetensors).
         checkpoint: the weights to ship (default: the run's best.safetensors, else final.safetensors).
         model_name: architecture, for weights without sd-zoo metadata.
-        tag: pretrained tag (default: inferred from the data and drop_path_rate, see :func:`infer_tag`).
+        tag: pretrained tag (default: the tag of ``sd_zoo.pretrained.TAGS`` that means the weights' data
+            and settings).
         out: parent folder (default: the checkout's hub_configs/).
         evaluate: measure the test error of the weights (else take the run's number).
         limit: evaluate a class-balanced subset of this many test images.
         manifest: JSON manifest to record the weight in (the packaged one for the checkout's folders).
+        force: replace an existing folder of the same name.
+        pruning_rows: depths of the card's pruning table (error and ONNX Runtime latency; 0 for none).
     """
-    from timm.models import get_pretrained_cfg, list_pretrained, save_for_hf
+    from timm.models import save_for_hf
 
     from . import checkpoint as ckpt
     from . import data
@@ -221,72 +228,57 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f'run folder {run_dir} not found')
+    summary = _read_json(run_dir / 'summary.json', 'run summary')
+    if not summary.get('final_epoch'):
+        raise ConfigError(f'{run_dir} finished no epoch of training; there is nothing to publish')
     if checkpoint is None:
         checkpoint = next((run_dir / f for f in ('best.safetensors', 'final.safetensors') if (run_dir / f).exists()),
                           run_dir / 'final.safetensors')
     checkpoint = Path(checkpoint)
-    meta = ckpt.read_metadata(checkpoint)
-    summary = _read_json(run_dir / 'summary.json', 'run summary')
-    arch = meta.get('model') or model_name or summary.get('model')
-    if model_name and arch != model_name:
-        raise ConfigError(f'{checkpoint} holds {arch}, not {model_name}')
-    if not arch:
-        raise ConfigError(f'{checkpoint} does not say which architecture it holds; pass --model')
-    data_name = meta.get('data') or summary.get('data')
+    data_name = ckpt.read_metadata(checkpoint).get('data') or summary.get('data')
     if not data_name:
         raise ConfigError(f'neither {checkpoint} nor the run summary says which data it was trained on')
-    sd_config = meta.get('sd_config') or summary.get('sd_config')
-    if not sd_config:
-        raise ConfigError(f'{checkpoint} carries no stochastic-depth settings (sd_zoo.sd_config metadata)')
-    rate = sd_config['drop_path_rate']
-    if tag is None:
-        tag = infer_tag(data_name, rate)  # fails for data without a tag convention: then --tag is needed
-    elif data_name in DATA_TAGS and tag != infer_tag(data_name, rate):
-        raise ConfigError(f'weights trained on {data_name} with drop_path_rate={rate} are tag '
-                          f'{infer_tag(data_name, rate)}, not {tag}')
+    model, arch, tag = _tagged_model(checkpoint, model_name, data_name, tag)
     name = f'{arch}.{tag}'
-    registered = get_pretrained_cfg(name)
-    if registered is None:
-        raise ConfigError(f'{name} is not a registered pretrained tag; register it in the model file first '
-                          f'(known: {", ".join(list_pretrained(arch + ".*")) or "none"})')
-    info = data.dataset_info(data_name)
-    if registered.num_classes != info.num_classes or not np.allclose(registered.mean, info.mean) \
-            or not np.allclose(registered.std, info.std):
-        raise ConfigError(f'the registered cfg of {name} (num_classes {registered.num_classes}, mean '
-                          f'{registered.mean}) does not match {data_name}, which the weights were trained on')
-
-    # The tag's cfg (mean/std, hf_hub_id) with the settings the weights were trained with.
-    model = ckpt.load_weights(checkpoint, model_name=name)
+    out = Path(out) if out is not None else default_out()
+    folder = out / name
+    if folder.exists() and not force:
+        raise ConfigError(f'{folder} already exists; pass --force to replace it with weights from {run_dir}')
     evaluation = dict(measure(model, data_name, limit), split='test', measured_by='sd-zoo hub build') \
         if evaluate else dict(_summary_evaluation(run_dir, checkpoint.name), split='test')
+    pruning = []
+    if evaluate and pruning_rows:
+        from .prune_curve import pruning_table
+        pruning = pruning_table(model, data_name, limit=limit, rows=pruning_rows)
 
-    out = Path(out) if out is not None else default_out()
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out))  # built aside, then swapped in whole
     try:
-        model_args = ckpt.sd_model_kwargs(model.sd_config())
-        label_names = list(data.CIFAR10_CLASSES) if info.num_classes == len(data.CIFAR10_CLASSES) else None
+        label_names = list(data.CIFAR10_CLASSES) if model.num_classes == len(data.CIFAR10_CLASSES) else None
         save_for_hf(model, tmp, model_config=dict(label_names=label_names) if label_names else None,
-                    model_args=model_args, safe_serialization=True)
+                    model_args=model.sd_config(), safe_serialization=True)
         # Same tensors again, now with sd-zoo's metadata, so the file also stands alone (sd-zoo eval).
         ckpt.save_weights(model, tmp / WEIGHTS, arch, data=data_name, tag=tag)
-        os.chmod(tmp / WEIGHTS, 0o644)  # written through mkstemp, hence owner-only; weights are shared
         sha256 = sha256_file(tmp / WEIGHTS)
         plot_schedule(model, tmp / SCHEDULE_PNG, title=name)
         curves = (run_dir / 'curves.png').exists()
         if curves:
             shutil.copyfile(run_dir / 'curves.png', tmp / CURVES_PNG)
         facts = gather_facts(model, arch, tag, data_name, evaluation, run_dir, checkpoint.name, sha256, curves)
+        facts['pruning'] = pruning
         render_card(facts).save(tmp / 'README.md')
-        folder = out / name
+        for f in tmp.iterdir():
+            os.chmod(f, new_file_mode())
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        os.chmod(folder, 0o755)  # mkdtemp made it private; the folder is meant to be shared
+        os.chmod(folder, new_file_mode(0o777))  # mkdtemp made it private; the folder is meant to be shared
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if manifest is not None:
-        pretrained.write_manifest_entry(name, sha256, model_args, manifest)
+        pretrained.write_manifest_entry(name, dict(
+            sha256=sha256, model_args=model.sd_config(), top1_err=round(evaluation['top1_err'], 2),
+            num_images=evaluation['num_images']), manifest)
     return folder
 
 
@@ -300,14 +292,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _sd_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: model_args[k] for k in SD_ARGS if k in model_args}
-
-
-def _same_args(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-
-
 def _metric_tolerance(card_pct: float, n_fresh: Optional[int], same_images: bool) -> float:
     """Rounding only when the same images were scored; else also 4 binomial standard deviations."""
     rounding = 0.005 + 1e-6
@@ -317,97 +301,90 @@ def _metric_tolerance(card_pct: float, n_fresh: Optional[int], same_images: bool
     return rounding + 400 * math.sqrt(p * (1 - p) / n_fresh)
 
 
-def check(folder: PathLike, evaluate: bool = True, limit: Optional[int] = None) -> List[str]:
-    """Problems of a hub folder (empty list: it is fit to push); see the subcommand's help for the checks."""
-    import timm
-    from timm.models import get_pretrained_cfg
+def _check_files(folder: Path) -> List[str]:
+    from .files import PICKLE_SUFFIXES
 
-    from . import checkpoint as ckpt
-    from .model_card import card_metrics, expected_metrics, read_card
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return [f'{folder} is not a folder']
     problems = [f'missing file {f}' for f in REQUIRED_FILES if not (folder / f).is_file()]
     for stray in sorted(folder.iterdir()):
         if stray.name not in REQUIRED_FILES + OPTIONAL_FILES:
             problems.append(f'unexpected file {stray.name} (a hub folder holds only {", ".join(REQUIRED_FILES)})'
-                            + (': pickle weights are not shipped' if stray.suffix in ckpt.PICKLE_SUFFIXES else ''))
-    if not (folder / 'config.json').is_file():
-        return problems
+                            + (': pickle weights are not shipped' if stray.suffix in PICKLE_SUFFIXES else ''))
+    return problems
 
-    # config.json against the registry
-    try:
-        config = _read_json(folder / 'config.json', 'config')
-    except ConfigError as e:
-        return problems + [str(e)]
-    arch = config.get('architecture')
-    pcfg = config.get('pretrained_cfg') or {}
+
+def _check_config(folder: Path, config: Dict[str, Any]) -> Tuple[List[str], Any]:
+    """Problems of config.json against the registry, and the model its model_args build (None if none)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    arch, pcfg = config.get('architecture'), config.get('pretrained_cfg') or {}
     if not arch or not timm.is_model(arch):
-        return problems + [f'config.json: architecture {arch!r} is not a registered timm model '
-                           f'(an sd-zoo model needs `import sd_zoo`; known: sd_resnet20 ... sd_resnet1202)']
+        return [f'config.json: architecture {arch!r} is not a registered timm model (an sd-zoo model needs '
+                f'`import sd_zoo`; known: {", ".join(timm.list_models("sd_*"))})'], None
     name = f'{arch}.{pcfg.get("tag")}'
     registered = get_pretrained_cfg(name)
     if registered is None:
-        return problems + [f'config.json: {name} is not a registered pretrained tag']
+        return [f'config.json: {name} is not a registered pretrained tag'], None
+    problems = []
     if folder.name != name:
         problems.append(f'folder is named {folder.name} but holds {name}')
     if config.get('num_classes') != pcfg.get('num_classes'):
         problems.append(f'config.json: num_classes {config.get("num_classes")} disagrees with pretrained_cfg '
                         f'num_classes {pcfg.get("num_classes")}')
-    for field in CFG_FIELDS:
-        if not _same(pcfg.get(field), getattr(registered, field)):
-            problems.append(f'config.json: pretrained_cfg {field} = {pcfg.get(field)!r}, but the registered cfg '
-                            f'of {name} has {getattr(registered, field)!r}')
-    model_args = dict(config.get('model_args') or {})
-    missing_args = [k for k in SD_ARGS[:3] if k not in model_args]
-    if not ('sd_schedule' in model_args or 'sd_probs' in model_args):
-        missing_args.append('sd_schedule or sd_probs')
-    if missing_args:
-        problems.append(f'config.json: model_args lack the stochastic-depth settings {", ".join(missing_args)}')
-    for key, value in pretrained.tag_model_args(arch, pcfg.get('tag')).items():
-        if key in model_args and not _same(model_args[key], value):
-            problems.append(f'config.json: model_args {key} = {model_args[key]!r}, but create_model("{name}") '
-                            f'builds {value!r} (sd_zoo.pretrained.TAG_MODEL_ARGS)')
+    for key in CFG_FIELDS:
+        if not _same(pcfg.get(key), getattr(registered, key)):
+            problems.append(f'config.json: pretrained_cfg {key} = {pcfg.get(key)!r}, but the registered cfg '
+                            f'of {name} has {getattr(registered, key)!r}')
     try:
-        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pcfg.get('tag'), **model_args)
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=pcfg.get('tag'),
+                                  **(config.get('model_args') or {}))
     except (SDZooError, TypeError, ValueError) as e:
-        return problems + [f'config.json: model_args do not build {arch}: {e}']
-    if (model.sd_config()['drop_path_rate'] == 0) != name.endswith(pretrained.CONSTANT_DEPTH_SUFFIX):
-        problems.append(f'{name}: drop_path_rate {model.sd_config()["drop_path_rate"]} does not fit the tag '
-                        f'(constant-depth tags end in {pretrained.CONSTANT_DEPTH_SUFFIX} and only they have 0)')
+        return problems + [f'config.json: model_args do not build {arch}: {e}'], None
+    expected = timm.create_model(name).sd_config()
+    if model.sd_config() != expected:
+        problems.append(f'config.json: model_args build {model.sd_config()}, but {name} means {expected} '
+                        f'(sd_zoo.pretrained.TAGS)')
+    return problems, model
 
-    # weights
+
+def _check_weights(folder: Path, model, name: str) -> Tuple[List[str], Optional[str], bool]:
+    """Problems of model.safetensors (verified load, manifest entry), its sha256, and whether it loaded."""
+    from . import checkpoint as ckpt
+
     weights = folder / WEIGHTS
-    sha256 = sha256_file(weights) if weights.is_file() else None
-    if weights.is_file():
-        try:
-            ckpt.load_into(model, ckpt.load_state_dict(weights), source=f'{folder.name}/{WEIGHTS}')
-        except WeightsError as e:
-            problems.append(str(e))
-            evaluate = False
+    if not weights.is_file():
+        return [], None, False
+    sha256 = sha256_file(weights)
+    problems, loaded = [], True
+    try:
+        ckpt.load_into(model, ckpt.load_state_dict(weights), source=f'{folder.name}/{WEIGHTS}')
+    except WeightsError as e:
+        problems.append(str(e))
+        loaded = False
     if is_shipped(folder):
         entry = pretrained.load_manifest().get(name)
         if entry is None:
             problems.append(f'{name} is shipped but not in sd_zoo/published.json (rebuild it with sd-zoo hub build)')
-        else:
-            if sha256 and entry.get('sha256') != sha256:
-                problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, '
-                                f'the file has {sha256}')
-            if not _same_args(entry.get('model_args', {}), _sd_args(model_args)):
-                problems.append(f'sd_zoo/published.json model_args of {name} {entry.get("model_args")} differ from '
-                                f'config.json {_sd_args(model_args)}')
+        elif entry.get('sha256') != sha256:
+            problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, the file has {sha256}')
+        elif not _same(entry.get('model_args'), model.sd_config()):
+            problems.append(f'sd_zoo/published.json records model_args {entry.get("model_args")} for {name}, the '
+                            f'folder builds {model.sd_config()}')
+    return problems, sha256, loaded
 
-    # model card
-    if not (folder / 'README.md').is_file():
-        return problems
+
+def _check_card(folder: Path, name: str, sha256: Optional[str]):
+    """Problems of the model card (README.md), and the card (None if unreadable)."""
+    from .model_card import card_metrics, read_card
+
     try:
         card = read_card(folder / 'README.md')
     except Exception as e:  # huggingface_hub raises ValueError or YAML errors for a broken front matter
-        return problems + [f'README.md: unreadable model card ({e})']
+        return [f'README.md: unreadable model card ({e})'], None
     meta = card.data.to_dict()
     block = meta.get('sd_zoo') or {}
-    if meta.get('library_name') != 'timm' or not set(('image-classification', 'timm', 'stochastic-depth')) <= \
+    problems = []
+    if meta.get('library_name') != 'timm' or not {'image-classification', 'timm', 'stochastic-depth'} <= \
             set(meta.get('tags') or []):
         problems.append('README.md: front matter needs library_name: timm and the tags image-classification, '
                         'timm, stochastic-depth')
@@ -415,32 +392,72 @@ def check(folder: PathLike, evaluate: bool = True, limit: Optional[int] = None) 
         problems.append(f'README.md: sha256 {block.get("weights_sha256")} in the card, but {WEIGHTS} has {sha256}')
     if sha256 and sha256 not in card.text:
         problems.append(f'README.md: the card text does not show the weights sha256 {sha256}')
-    if (block.get('model'), block.get('tag')) != (arch, pcfg.get('tag')):
+    if f'{block.get("model")}.{block.get("tag")}' != name:
         problems.append(f'README.md: card describes {block.get("model")}.{block.get("tag")}, config.json {name}')
     for image in re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', card.text):
         if '://' not in image and not (folder / image).is_file():
             problems.append(f'README.md: shows {image}, which is not in the folder')
-    card_eval = block.get('eval') or {}
     metrics = card_metrics(card)
     if 'accuracy' not in metrics or 'top1_error' not in metrics:
         problems.append('README.md: model-index lacks the accuracy and top1_error results')
     elif abs(metrics['accuracy'] + metrics['top1_error'] - 100) > 0.011:
         problems.append(f'README.md: accuracy {metrics["accuracy"]} and top-1 error {metrics["top1_error"]} '
                         f'do not add up to 100')
-    if evaluate and metrics and block.get('data'):
-        try:
-            fresh = measure(model, block['data'], limit or card_eval.get('limit'))
-        except SDZooError as e:
-            return problems + [f'cannot evaluate ({e}); pass --skip-eval to check the rest']
-        same_images = (limit or card_eval.get('limit')) == card_eval.get('limit')
-        for metric, value in expected_metrics(fresh).items():
-            if metric not in metrics:
-                continue
-            tol = _metric_tolerance(metrics[metric], fresh['num_images'], same_images)
-            if abs(metrics[metric] - value) > tol:
-                where = 'the same images' if same_images else f'a subset of {fresh["num_images"]} images'
-                problems.append(f'README.md: {metric} {metrics[metric]} in the card, but a fresh evaluation on '
-                                f'{where} gives {value} (tolerance {tol:.3f})')
+    return problems, card
+
+
+def _check_metrics(model, card, limit: Optional[int]) -> List[str]:
+    """The card's metrics against a fresh evaluation of the weights."""
+    from .model_card import card_metrics, expected_metrics
+
+    block = card.data.to_dict().get('sd_zoo') or {}
+    card_limit = (block.get('eval') or {}).get('limit')
+    metrics = card_metrics(card)
+    if not metrics or not block.get('data'):
+        return []
+    try:
+        fresh = measure(model, block['data'], limit or card_limit)
+    except SDZooError as e:
+        return [f'cannot evaluate ({e}); pass --skip-eval to check the rest']
+    same_images = (limit or card_limit) == card_limit
+    problems = []
+    for metric, value in expected_metrics(fresh).items():
+        if metric not in metrics:
+            continue
+        tol = _metric_tolerance(metrics[metric], fresh['num_images'], same_images)
+        if abs(metrics[metric] - value) > tol:
+            where = 'the same images' if same_images else f'a subset of {fresh["num_images"]} images'
+            problems.append(f'README.md: {metric} {metrics[metric]} in the card, but a fresh evaluation on '
+                            f'{where} gives {value} (tolerance {tol:.3f})')
+    return problems
+
+
+def check(folder: PathLike, evaluate: bool = True, limit: Optional[int] = None) -> List[str]:
+    """Problems of a hub folder (empty list: it is fit to push): its files, config.json against the
+    registry, the weights (verified bytes, strict load, manifest), the card, and the card's metrics."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f'{folder} is not a folder']
+    problems = _check_files(folder)
+    if not (folder / 'config.json').is_file():
+        return problems
+    try:
+        config = _read_json(folder / 'config.json', 'config')
+    except ConfigError as e:
+        return problems + [str(e)]
+    found, model = _check_config(folder, config)
+    problems += found
+    if model is None:
+        return problems
+    name = f'{config["architecture"]}.{config["pretrained_cfg"]["tag"]}'
+    found, sha256, loaded = _check_weights(folder, model, name)
+    problems += found
+    if not (folder / 'README.md').is_file():
+        return problems
+    found, card = _check_card(folder, name, sha256)
+    problems += found
+    if evaluate and card is not None and loaded:
+        problems += _check_metrics(model, card, limit)
     return problems
 
 
@@ -468,10 +485,15 @@ def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[
     if dry_run:
         return [(f, (folder / f).stat().st_size, sha256_file(folder / f)) for f in files]
     api = HfApi(endpoint=endpoint, token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-    return api.upload_folder(
-        repo_id=repo.repo_id, folder_path=folder, allow_patterns=files, repo_type='model',
-        commit_message=commit_message or f'sd-zoo: {folder.name} (weights sha256 {sha256_file(folder / WEIGHTS)[:12]})')
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+        return api.upload_folder(
+            repo_id=repo.repo_id, folder_path=folder, allow_patterns=files, repo_type='model',
+            commit_message=commit_message or f'sd-zoo: {folder.name} (weights sha256 {sha256_file(folder / WEIGHTS)[:12]})')
+    except Exception as e:  # connection, authentication and server errors of huggingface_hub and requests
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise WeightsError(f'could not push {folder} to {repo_id} on {api.endpoint} ({type(e).__name__}: {first}); '
+                           f'check the network and your token (`hf auth login` or --token)') from e
 
 
 # --- seed-cache ----------------------------------------------------------------------------------------
@@ -492,10 +514,9 @@ def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
     snapshots = []
     for folder in map(Path, folders):
-        missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if missing:
-            raise WeightsError(f'{folder} is not a hub folder (missing {", ".join(missing)})')
-        pretrained.check_safetensors(folder / WEIGHTS, 'weights file')
+        problems = check(folder, evaluate=False)
+        if problems:
+            raise WeightsError(f'{folder} fails `sd-zoo hub check`, so it is not cached: {"; ".join(problems)}')
         pcfg = _read_json(folder / 'config.json', 'config').get('pretrained_cfg') or {}
         name = f'{_read_json(folder / "config.json", "config").get("architecture")}.{pcfg.get("tag")}'
         registered = get_pretrained_cfg(name)
@@ -538,7 +559,7 @@ def run_build(args) -> int:
     manifest = None if args.no_manifest or out.resolve() != pretrained.SHIPPED_DIR.resolve() \
         else pretrained.MANIFEST_PATH
     folder = build(args.run, args.checkpoint, args.model, args.tag, out, evaluate=not args.skip_eval,
-                   limit=args.limit, manifest=manifest)
+                   limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows)
     print(f'wrote {folder}/ ({", ".join(upload_files(folder))})'
           + (f'; recorded in {manifest.name}' if manifest else ''))
     return 0
@@ -590,6 +611,9 @@ def add_parser(subparsers) -> None:
     b.add_argument('--skip-eval', action='store_true', help='take the test error from the run instead of measuring')
     b.add_argument('--limit', type=int, metavar='N', help='evaluate a class-balanced subset of N test images')
     b.add_argument('--no-manifest', action='store_true', help='do not record the weights in sd_zoo/published.json')
+    b.add_argument('--force', action='store_true', help='replace an existing folder of the same model.tag')
+    b.add_argument('--pruning-rows', type=int, default=7, metavar='N',
+                   help="depths in the card's pruning table (default %(default)s; 0 for none)")
     b.set_defaults(func=run_build)
 
     c = sub.add_parser('check', help='verify hub folders: config, strict weight load, card metrics and sha256')

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import data
+from .errors import ConfigError
 
 COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:brown')
 
@@ -28,18 +29,23 @@ def read_metrics(run_dir) -> List[Dict]:
     return rows
 
 
-def _run_config(run_dir) -> Dict:
+def _run_record(run_dir) -> Dict:
     path = Path(run_dir) / 'run.json'
-    return json.loads(path.read_text()).get('config', {}) if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_label(run_dir) -> str:
-    cfg = _run_config(run_dir)
-    rate = cfg.get('drop_path_rate')
-    if rate is None:
+    """'sd_resnet110 constant depth', 'sd_resnet110 stochastic depth (p_L = 0.5)', or the folder's name."""
+    from .stochastic_depth import describe_depth
+
+    record = _run_record(run_dir)
+    cfg = record.get('config', {})
+    # Runs recorded before model_args was stored keep the rate in their config.
+    model_args = record.get('model_args') or ({'drop_path_rate': cfg['drop_path_rate']}
+                                              if cfg.get('drop_path_rate') is not None else None)
+    if model_args is None:
         return Path(run_dir).name
-    depth = 'constant depth' if rate == 0 else f'stochastic depth (p_L = {1 - rate:g})'
-    return f"{cfg.get('model', '')} {depth}".strip()
+    return f"{cfg.get('model', '')} {describe_depth(model_args)}".strip()
 
 
 def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None,
@@ -65,7 +71,7 @@ def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None
     handles = ax_err.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
     ax_err.legend(handles, [h.get_label() for h in handles], loc='upper right', fontsize='small')
     if title is None:
-        name = _run_config(run_dirs[0]).get('data') if run_dirs else None
+        name = _run_record(run_dirs[0]).get('config', {}).get('data') if run_dirs else None
         title = data.DATASETS[name].title if name in data.DATASETS else ''
     ax_err.set_title(title)
     output = Path(output)
@@ -74,7 +80,16 @@ def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None
 
 
 def run(args: argparse.Namespace) -> int:
-    path = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
+    for run_dir in args.runs:
+        if not read_metrics(run_dir):
+            raise ConfigError(f'{run_dir} holds no finished epoch (no metrics.jsonl rows); give the --output '
+                              f'folder of an sd-zoo train run')
+    if args.labels and len(args.labels) != len(args.runs):
+        raise ConfigError(f'--labels gives {len(args.labels)} labels for {len(args.runs)} runs; give one per run')
+    try:
+        path = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
+    except OSError as e:
+        raise ConfigError(f'cannot write {args.output}: {e.strerror or e}; choose another -o/--output') from None
     print(f'wrote {path}')
     return 0
 

@@ -83,9 +83,7 @@ def render_card(facts: Dict[str, Any]):
     ev = facts['eval']
     sd_zoo_block = dict(
         model=facts['arch'], tag=facts['tag'], data=facts['data'], weights_sha256=facts['sha256'],
-        # the probabilities follow from the schedule, except for an explicit list
-        sd_config={k: v for k, v in facts['sd'].items()
-                   if k != 'survival_probs' or facts['sd']['schedule'] == 'explicit'},
+        model_args=facts['sd'],
         eval=dict(split=ev['split'], num_images=ev['num_images'], limit=ev['limit'],
                   top1_err=round_pct(ev['top1_err']), top5_err=round_pct(ev['top5_err']),
                   measured_by=ev['measured_by']),

@@ -21,11 +21,11 @@ parameter-free transition shortcuts (subsample + zero channel padding) become 1x
 import argparse
 import json
 import os
-import tempfile
 import warnings
 from collections import Counter
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,8 +34,12 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ExportError
-from .onnx_runtime import META_PREFIX, OnnxClassifier, import_onnxruntime
-from .stochastic_depth import SCHEDULES, StochasticDepth
+from .files import atomic_write, encode_metadata
+from .onnx_runtime import OnnxClassifier, import_onnxruntime
+from .pruning import parse_order, prune_blocks
+from .quantize import CALIBRATION_IMAGES, export_int8
+from .loader import add_model_arguments, model_args_of
+from .stochastic_depth import StochasticDepth
 
 # Operators that would make the exported network stochastic; the export fails if any appears.
 RANDOM_OPS = frozenset({
@@ -59,23 +63,13 @@ MAX_SINGLE_FILE_BYTES = 2 ** 31 - 2 ** 20
 _STOCK_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def _last_norm_names():
-    # Imported here: the model modules register with timm on import, which this module need not force.
-    from .sd_cifar_resnet import CifarBasicBlock
-    from .sd_imagenet_resnet import SDBottleneck
-    return ((CifarBasicBlock, 'bn2'), (SDBottleneck, 'bn3'))
-
-
 def branch_output_norm(block: nn.Module) -> Optional[nn.Module]:
-    """The norm layer whose output is the block's branch output, if p_l folds into it exactly, else None.
+    """The block's last branch norm if p_l folds into it exactly, else None.
 
-    That needs a stock torch norm with affine weight and bias (output ``z * weight + bias``) and nothing
-    after it on the branch: a squeeze-excitation after ``bn3`` rescales by a function of its own input,
-    which p_l does not pass through, so such a block keeps its multiplication.
+    That needs a stock torch norm with affine weight and bias (output ``z * weight + bias``) as the
+    branch's output (``block.branch_norm()`` says which layer that is, or None if there is none).
     """
-    if getattr(block, 'se', None) is not None:
-        return None
-    norm = next((getattr(block, name) for cls, name in _last_norm_names() if isinstance(block, cls)), None)
+    norm = block.branch_norm()
     stock = isinstance(norm, _STOCK_NORMS) and type(norm).__module__.startswith('torch.nn')
     if stock and norm.weight is not None and norm.bias is not None:
         return norm
@@ -120,28 +114,19 @@ def _warn_unfolded(kept: List[str]) -> None:
 
 
 def shortcuts_as_convs(model: nn.Module) -> int:
-    """Replace each CIFAR transition shortcut (subsample + zero channel padding) by a 1x1 strided conv.
+    """Replace each parameter-free transition shortcut (subsample + zero channel padding) by its ``as_conv()``.
 
-    The conv's weights are 1 from input channel c to output channel c and 0 elsewhere, so it computes
-    exactly the same tensor. ONNX Runtime's CPU provider runs convolutions in a blocked channel layout
-    (NCHWc); a Pad along channels forces a round trip to NCHW that then persists through the whole stage
-    and keeps every residual Add and ReLU from fusing into its conv. As a conv, the graph stays blocked
-    end to end (measured about 7% faster for sd_resnet110). Returns the number of shortcuts replaced.
+    The conv computes exactly the same tensor. ONNX Runtime's CPU provider runs convolutions in a blocked
+    channel layout (NCHWc); a Pad along channels forces a round trip to NCHW that then persists through the
+    whole stage and keeps every residual Add and ReLU from fusing into its conv. As a conv, the graph stays
+    blocked end to end (measured about 7% faster for sd_resnet110). Returns the number of shortcuts replaced.
     """
-    from .sd_cifar_resnet import CifarBasicBlock, ZeroPadShortcut
-
     replaced = 0
-    for block in model.modules():
-        if not (isinstance(block, CifarBasicBlock) and isinstance(block.shortcut, ZeroPadShortcut)):
-            continue
-        in_chs = block.conv1.in_channels
-        stride = block.conv1.stride
-        conv = nn.Conv2d(in_chs, in_chs + block.shortcut.pad_chs, 1, stride=stride, bias=False)
-        with torch.no_grad():
-            conv.weight.zero_()
-            conv.weight[torch.arange(in_chs), torch.arange(in_chs), 0, 0] = 1.0
-        block.shortcut = conv.to(block.conv1.weight)
-        replaced += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, 'as_conv'):
+                setattr(parent, name, child.as_conv().to(next(model.parameters())))
+                replaced += 1
     return replaced
 
 
@@ -184,80 +169,9 @@ def check_no_random_ops(proto) -> None:
 
 # --- Building the model ---------------------------------------------------------------------------
 
-def sd_overrides(drop_path_rate: Optional[float] = None,
-                 sd_schedule: Union[None, str, Sequence[float]] = None) -> Dict[str, Any]:
-    """``create_model`` kwargs that override a model's stochastic-depth settings."""
-    kwargs: Dict[str, Any] = {}
-    if drop_path_rate is not None:
-        kwargs['drop_path_rate'] = float(drop_path_rate)
-    if isinstance(sd_schedule, str):
-        if sd_schedule not in SCHEDULES:
-            raise ConfigError(f'unknown survival schedule {sd_schedule!r}; choose one of {SCHEDULES} or give a list')
-        kwargs['sd_schedule'] = sd_schedule
-    elif sd_schedule is not None:
-        kwargs['sd_probs'] = [float(p) for p in sd_schedule]
-    return kwargs
-
-
-def _check_model_name(name: str) -> None:
-    import timm
-    from timm.models import split_model_name_tag
-
-    if not timm.is_model(name):
-        known = ', '.join(timm.list_models('sd_*'))
-        raise ConfigError(f'unknown model {split_model_name_tag(name)[0]!r}; sd-zoo models: {known}')
-
-
-def _stats_of(model: nn.Module, data_name: Optional[str] = None) -> Tuple[tuple, tuple]:
-    """Normalisation of the inputs: that of the dataset the weights were trained on, else the model cfg."""
-    from . import data
-
-    if data_name in data.DATASETS:
-        info = data.dataset_info(data_name)
-        return tuple(info.mean), tuple(info.std)
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    return tuple(cfg.get('mean', data.CIFAR10_MEAN)), tuple(cfg.get('std', data.CIFAR10_STD))
-
-
 def _display_name(model: nn.Module) -> str:
     # The architecture only: a module's default-cfg tag says nothing about the weights it holds.
     return (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture', type(model).__name__)
-
-
-def build_model(
-        model_name: Optional[str] = None,
-        pretrained: bool = False,
-        checkpoint: Optional[Union[str, os.PathLike]] = None,
-        drop_path_rate: Optional[float] = None,
-        sd_schedule: Union[None, str, Sequence[float]] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to export and the facts the ONNX metadata records about it (name, mean, std, source).
-
-    A checkpoint rebuilds the architecture and stochastic-depth settings it was saved with
-    (``checkpoint.load_weights``); ``drop_path_rate`` / ``sd_schedule`` override them.
-    """
-    import timm
-    from .checkpoint import load_weights, read_metadata
-
-    overrides = sd_overrides(drop_path_rate, sd_schedule)
-    if model_name:
-        _check_model_name(model_name)
-    if checkpoint is not None:
-        if pretrained:
-            raise ConfigError('give either pretrained weights or a checkpoint, not both')
-        meta = read_metadata(checkpoint)
-        model = load_weights(checkpoint, model_name, **overrides)
-        name = model_name or meta.get('model')
-        source = Path(checkpoint).name
-        mean, std = _stats_of(model, meta.get('data'))
-    else:
-        if not model_name:
-            raise ConfigError('name the model to export (--model NAME[.TAG]) or give a checkpoint')
-        model = timm.create_model(model_name, pretrained=pretrained, **overrides)
-        name = model_name
-        source = 'pretrained' if pretrained else 'random initialisation'
-        mean, std = _stats_of(model)
-    return model.eval(), dict(model=name, mean=mean, std=std, source=source)
 
 
 # --- Export ---------------------------------------------------------------------------------------
@@ -313,17 +227,16 @@ def _check_opset(opset: int, exporter: str) -> None:
         raise ConfigError(f'the TorchScript exporter supports opsets up to {TORCHSCRIPT_MAX_OPSET}, not {opset}')
 
 
-def _open_output(output: Path) -> str:
-    """A temporary file beside ``output`` (so the final rename is atomic); fails early if unwritable."""
+def _check_writable(output: Path) -> None:
+    """Fail before the (slow) export when ``output`` cannot be written."""
     if output.is_dir():
         raise ExportError(f'output {output} is a directory; give a file name such as {output / "model.onnx"}')
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f'.{output.name}.', suffix='.tmp')
     except OSError as e:
         raise ExportError(f'cannot write {output}: {e.strerror or e}') from e
-    os.close(fd)
-    return tmp
+    if not os.access(output.parent, os.W_OK):
+        raise ExportError(f'cannot write {output}: {output.parent} is not writable; choose another -o/--output')
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool):
@@ -412,7 +325,7 @@ def check_fp16_range(proto, example: np.ndarray) -> None:
 
 
 def _set_metadata(proto, meta: Dict[str, Any]) -> Dict[str, str]:
-    strings = {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    strings = encode_metadata(meta)
     del proto.metadata_props[:]
     for k, v in strings.items():
         entry = proto.metadata_props.add()
@@ -436,19 +349,45 @@ def _probe(path: str, reference: np.ndarray, example: np.ndarray, fp16: bool) ->
     return dict(max_abs_diff=diff, logit_scale=scale, tolerance=tol, top1_agreement=agree)
 
 
-def _resolve_model(model, pretrained, checkpoint, drop_path_rate, sd_schedule, mean, std):
+def build_model(model_name: Optional[str] = None, pretrained: bool = False,
+                checkpoint: Optional[Union[str, os.PathLike]] = None,
+                model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model to export (through :func:`sd_zoo.load_model`) and where its weights came from."""
+    from timm.models import split_model_name_tag
+
+    from .loader import load_model
+
+    model_args = model_args or {}
+    if checkpoint is not None:
+        if pretrained:
+            raise ConfigError('give either pretrained weights or a checkpoint, not both')
+        model = load_model(checkpoint, model_name=model_name, **model_args)
+        return model, dict(model=model_name or _display_name(model), source=Path(checkpoint).name)
+    if not model_name:
+        raise ConfigError('name the model to export (--model NAME[.TAG]) or give a checkpoint')
+    arch, tag = split_model_name_tag(model_name)
+    if tag and not pretrained:
+        raise ConfigError(f'{model_name} names published weights: add --pretrained to export them, or name the '
+                          f'bare architecture {arch} to export random weights')
+    model = load_model(model_name, pretrained=pretrained, **model_args)
+    return model, dict(model=model_name, source='pretrained' if pretrained else 'random initialisation')
+
+
+def _resolve_model(model, pretrained, checkpoint, model_args, mean, std):
     """The module to export and the facts for its metadata, from a name, a checkpoint or a module."""
+    from .evaluate import normalization
+
     if isinstance(model, nn.Module):
-        if pretrained or checkpoint is not None or drop_path_rate is not None or sd_schedule is not None:
+        if pretrained or checkpoint is not None or model_args:
             raise ConfigError(
-                'pretrained, checkpoint and stochastic-depth overrides apply to a model name; build the module '
-                'with the settings you want (timm.create_model(..., drop_path_rate=R)) and pass it alone')
+                'pretrained, checkpoint and model_args apply to a model name; build the module with the '
+                'settings you want (timm.create_model(..., drop_path_rate=R)) and pass it alone')
         facts = dict(model=_display_name(model), source='module')
-        facts['mean'], facts['std'] = _stats_of(model)
     else:
-        model, facts = build_model(model, pretrained, checkpoint, drop_path_rate, sd_schedule)
-    facts['mean'] = [float(v) for v in (mean if mean is not None else facts['mean'])]
-    facts['std'] = [float(v) for v in (std if std is not None else facts['std'])]
+        model, facts = build_model(model, pretrained, checkpoint, model_args)
+    default_mean, default_std = normalization(model)
+    facts['mean'] = [float(v) for v in (mean if mean is not None else default_mean)]
+    facts['std'] = [float(v) for v in (std if std is not None else default_std)]
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weight_bytes > MAX_SINGLE_FILE_BYTES:
         raise ExportError(f'{facts["model"]} holds {weight_bytes / 2 ** 30:.1f} GiB of weights, over the 2 GiB '
@@ -464,7 +403,7 @@ def _metadata(model: nn.Module, facts: Dict[str, Any], input_size, fp16: bool, e
         model=facts['model'], num_classes=int(model.num_classes), in_chans=int(input_size[0]),
         input_size=[int(d) for d in input_size], mean=facts['mean'], std=facts['std'],
         # The settings the weights were built with; the graph holds their expected value.
-        sd_config=model.sd_config() if hasattr(model, 'sd_config') else None,
+        model_args=model.sd_config() if hasattr(model, 'sd_config') else None,
         expected_value=('identity gates (inverted rule)' if rules == {'inverted'} else
                         'survival probability p_l folded into the last norm of each residual branch'),
         precision='fp16' if fp16 else 'fp32', source=facts['source'],
@@ -480,14 +419,16 @@ def export_onnx(
         *,
         pretrained: bool = False,
         checkpoint: Optional[Union[str, os.PathLike]] = None,
-        drop_path_rate: Optional[float] = None,
-        sd_schedule: Union[None, str, Sequence[float]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
         opset: int = DEFAULT_OPSET,
         fp16: bool = False,
         batch: Union[str, int] = 'dynamic',
         exporter: str = 'auto',
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        keep_blocks: Union[None, int, Sequence[int]] = None,
+        prune_order: Union[str, Sequence[int]] = 'survival',
+        prune_data: Optional[str] = None,
 ) -> ExportReport:
     """Export the expected-value network of a stochastic-depth model to one .onnx file.
 
@@ -497,13 +438,15 @@ def export_onnx(
         output: the .onnx file to write; replaced only once the new file has passed its checks.
         pretrained: load the tag's published weights (name only).
         checkpoint: a safetensors file written by sd-zoo; its stochastic-depth settings are folded.
-        drop_path_rate, sd_schedule: override the stochastic-depth settings of a name or checkpoint
-            (``sd_schedule``: ``'linear'``, ``'uniform'`` or one survival probability per block).
+        model_args: ``create_model`` arguments overriding the settings of a name or checkpoint
+            (``dict(drop_path_rate=0.2)``, ``dict(sd_probs=[...])``).
         opset: ONNX opset, ``MIN_OPSET`` or newer.
         fp16: float16 weights and compute, float32 input and logits.
         batch: ``'dynamic'`` or a fixed batch size.
         exporter: ``'auto'`` (dynamo, TorchScript if that fails), ``'dynamo'`` or ``'torchscript'``.
         mean, std: normalisation recorded in the metadata (default: the training data's or the cfg's).
+        keep_blocks, prune_order, prune_data: export the net depth-pruned to ``keep_blocks`` residual blocks
+            (a count, or a list of block indices), as :func:`sd_zoo.prune_blocks` with that order and data.
     """
     import onnx
 
@@ -513,7 +456,9 @@ def export_onnx(
     dynamic_batch = batch == 'dynamic'
     if not dynamic_batch and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise ConfigError(f'batch must be "dynamic" or a positive integer, got {batch!r}')
-    model, facts = _resolve_model(model, pretrained, checkpoint, drop_path_rate, sd_schedule, mean, std)
+    model, facts = _resolve_model(model, pretrained, checkpoint, model_args, mean, std)
+    if keep_blocks is not None:
+        model = prune_blocks(model, keep_blocks, prune_order, prune_data)
 
     in_chans = getattr(model, 'in_chans', 3)
     input_size = (in_chans,) + tuple((getattr(model, 'pretrained_cfg', {}) or {}).get('input_size', (3, 32, 32)))[-2:]
@@ -528,28 +473,28 @@ def export_onnx(
     shortcuts_as_convs(export_model)
 
     output = Path(output)
-    tmp = _open_output(output)
-    try:
-        proto, used = _trace(export_model, example, opset, dynamic_batch, exporter)
-        got_opset = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)
-        if got_opset != opset:
-            raise ExportError(f'asked for opset {opset} but the {used} exporter produced opset {got_opset}')
-        check_no_random_ops(proto)
-        if fp16:
-            check_fp16_range(proto, example.numpy())
-            proto = convert_to_fp16(proto)
-        metadata = _set_metadata(proto, _metadata(model, facts, input_size, fp16, used))
-        proto.doc_string = f'{facts["model"]}: expected-value network of a stochastic-depth ResNet (sd-zoo)'
+    _check_writable(output)
+    proto, used = _trace(export_model, example, opset, dynamic_batch, exporter)
+    got_opset = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)
+    if got_opset != opset:
+        raise ExportError(f'asked for opset {opset} but the {used} exporter produced opset {got_opset}')
+    check_no_random_ops(proto)
+    if fp16:
+        check_fp16_range(proto, example.numpy())
+        proto = convert_to_fp16(proto)
+    metadata = _set_metadata(proto, _metadata(model, facts, input_size, fp16, used))
+    proto.doc_string = f'{facts["model"]}: expected-value network of a stochastic-depth ResNet (sd-zoo)'
+    check = {}
+
+    def write_and_check(tmp: Path) -> None:
+        # The file replaces ``output`` only once it has passed every check.
         onnx.save(proto, tmp)
         try:
-            onnx.checker.check_model(tmp, full_check=True)
+            onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as e:
             raise ExportError(f'the exported graph fails onnx.checker: {e}') from e
-        check = _probe(tmp, reference, example.numpy(), fp16)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        check.update(_probe(str(tmp), reference, example.numpy(), fp16))
+    atomic_write(output, write_and_check)
     return ExportReport(
         path=str(output), model=facts['model'], exporter=used, opset=opset, precision='fp16' if fp16 else 'fp32',
         batch='dynamic' if dynamic_batch else str(batch), size_bytes=output.stat().st_size,
@@ -571,19 +516,8 @@ def parse_batch(value: str) -> Union[str, int]:
     return n
 
 
-def parse_schedule(value: str) -> Union[str, List[float]]:
-    """``linear``, ``uniform``, or comma-separated survival probabilities, one per block."""
-    if value in SCHEDULES:
-        return value
-    try:
-        return [float(p) for p in value.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f'expected {" or ".join(SCHEDULES)} or comma-separated probabilities, got {value!r}') from None
-
-
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """The export options, shared by ``sd-zoo export`` and export/onnx_export.py."""
+    """The options of ``sd-zoo export`` (which export/onnx_export.py runs)."""
     p.add_argument('--model', help='registered name, optionally with a tag: sd_resnet110, sd_resnet110.c10j75 '
                                    '(optional with --checkpoint, whose metadata names it)')
     src = p.add_mutually_exclusive_group()
@@ -593,22 +527,36 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
     p.add_argument('--fp16', action='store_true', help='float16 weights and compute, float32 input and output')
     p.add_argument('--batch', type=parse_batch, default='dynamic', help='"dynamic" (default) or a fixed batch size')
-    p.add_argument('--drop-path-rate', type=float, help='override 1 - p_L of the weights (0.5 in the paper)')
-    p.add_argument('--sd-schedule', type=parse_schedule,
-                   help='override the survival schedule: linear, uniform, or p_1,...,p_L')
+    add_model_arguments(p)
     p.add_argument('--exporter', choices=EXPORTERS, default='auto',
                    help='torch.onnx path: dynamo (default, TorchScript if it fails) or torchscript')
     p.add_argument('--json', action='store_true', help='print the export report as one JSON object last')
+    g = p.add_argument_group('deployment dials')
+    g.add_argument('--keep-blocks', type=int, metavar='N', help='depth-prune to N residual blocks (>= 1 per stage)')
+    g.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
+                   help='blocks dropped first: survival (lowest p_l, default), importance (validation images of '
+                        'the training data), or block indices i,j,...')
+    g.add_argument('--int8', action='store_true', help='int8 static quantization (QDQ, per-channel weights)')
+    g.add_argument('--calibration', metavar='DATA', help='training data for --int8 calibration and the importance '
+                                                         'order (default for importance: what the weights saw)')
+    g.add_argument('--calibration-images', type=int, default=CALIBRATION_IMAGES, metavar='N',
+                   help='training images that calibrate --int8 (default %(default)s)')
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_onnx(
-        args.model, args.output, pretrained=args.pretrained, checkpoint=args.checkpoint,
-        drop_path_rate=args.drop_path_rate, sd_schedule=args.sd_schedule, opset=args.opset, fp16=args.fp16,
-        batch=args.batch, exporter=args.exporter)
+    export = partial(
+        export_onnx, args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+        model_args=model_args_of(args), opset=args.opset, fp16=args.fp16, batch=args.batch, exporter=args.exporter,
+        keep_blocks=args.keep_blocks, prune_order=args.prune_order, prune_data=args.calibration)
+    if args.int8:
+        report, int8 = export_int8(export, args.output, args.calibration, args.calibration_images, fp16=args.fp16)
+    else:
+        report, int8 = export(args.output), None
     print(report.summary())
+    if int8 is not None:
+        print(int8.summary())
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps(dict(report.to_dict(), int8=int8.to_dict()) if int8 else report.to_dict()))
     return 0
 
 

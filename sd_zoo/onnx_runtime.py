@@ -11,7 +11,6 @@ so every session makes the same choice, which bit-identical outputs need), keep 
 inputs and outputs on the device, and fail loudly when CUDA cannot be used rather than quietly
 running on the CPU. :func:`time_interleaved` is the latency measurement the ONNX benchmarks share.
 """
-import json
 import os
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .errors import ConfigError, ExportError, InputShapeError
+from .files import decode_metadata
 
-# Keys of the ONNX metadata_props written by sd_zoo.onnx_export, all under this prefix.
-META_PREFIX = 'sd_zoo.'
 
 PROVIDERS = ('cpu', 'cuda')
 _ORT_TYPES = {'tensor(float)': np.float32, 'tensor(float16)': np.float16, 'tensor(double)': np.float64}
@@ -79,18 +77,6 @@ def cuda_provider_options(device_id: int = 0, use_tf32: bool = False) -> Dict[st
         'use_tf32': '1' if use_tf32 else '0',
         'do_copy_in_default_stream': '1',
     }
-
-
-def read_metadata(session) -> Dict[str, Any]:
-    """The ``sd_zoo.*`` metadata of a session's model, JSON values decoded, prefix removed."""
-    meta = {}
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
-        if key.startswith(META_PREFIX):
-            try:
-                meta[key[len(META_PREFIX):]] = json.loads(value)
-            except ValueError:
-                meta[key[len(META_PREFIX):]] = value
-    return meta
 
 
 class OnnxClassifier:
@@ -150,7 +136,7 @@ class OnnxClassifier:
                 f'CUDA was requested but the session runs on {self.session.get_providers()}; check that the '
                 f'CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} needs are installed')
         self._read_signature()
-        self.metadata = read_metadata(self.session)
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.mean = tuple(float(v) for v in mean) if mean is not None else self._meta_floats('mean')
         self.std = tuple(float(v) for v in std) if std is not None else self._meta_floats('std')
 

@@ -48,9 +48,8 @@ def pytorch_reference(
 
     if checkpoint is None and not pretrained:
         raise ConfigError('the PyTorch reference needs weights: give --checkpoint FILE or --pretrained')
-    sd_config = clf.metadata.get('sd_config') or {}
-    probs = sd_config.get('survival_probs')
-    model, _ = build_model(model_name, pretrained, checkpoint, sd_schedule=probs)
+    # The settings the graph was exported with, whatever the weights file or tag says.
+    model, _ = build_model(model_name, pretrained, checkpoint, clf.metadata.get('model_args'))
     if clf.mean is None:
         raise ExportError(f'{clf.path.name} stores no mean/std to normalise the PyTorch input with')
     return model_logits_fn(model, clf.mean, clf.std)
@@ -124,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    """The validate options, shared by ``sd-zoo validate`` and export/onnx_validate.py."""
+    """The options of ``sd-zoo validate`` (which export/onnx_validate.py runs)."""
     p.add_argument('onnx', help='the .onnx file to score')
     p.add_argument('--data', default='cifar10-jpeg75', choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))

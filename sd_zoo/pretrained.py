@@ -1,27 +1,30 @@
-"""Pretrained-weight registry of sd-zoo: which tags have published weights, the settings they carry, and
-the checks that make ``create_model(..., pretrained=True)`` fail fast with a message that says what to do.
+"""Pretrained weights of sd-zoo: what each tag means, which are published, and fast, clear failures.
 
-Every pretrained tag has a full ``hf_hub_id`` in its model's default cfg (one Hub repo per model and
-tag under :data:`HUB_ORG`). The packaged manifest ``published.json`` (written by ``sd-zoo hub build``)
-lists each published ``model.tag`` with the sha256 of its ``model.safetensors`` and the stochastic-depth
-settings it was trained with; :data:`PUBLISHED` and :data:`TAG_MODEL_ARGS` derive from it, so that
-``create_model('name.tag', pretrained=True)`` rebuilds the network the weights were trained as (the Hub
-repo's config.json carries the same ``model_args`` for ``hf-hub:`` names).
+:data:`TAGS` is the one table of what a pretrained tag means: the data its weights were trained on and
+the ``create_model`` arguments they were trained with. The model files register their ``default_cfgs``
+from it (one Hub repo per model and tag under :data:`HUB_ORG`), ``create_model('name.tag')`` builds the
+network the tag's weights need, and ``sd-zoo hub build`` names a run's weights after it.
+
+The packaged manifest ``published.json`` records what ``sd-zoo hub build`` built for each published
+``model.tag`` (sha256 of model.safetensors, its model args and test error); ``sd-zoo hub check`` and the
+loaders verify files against it. It never changes how a model is built.
 
 Weights are found in the Hugging Face cache (a download, or ``sd-zoo hub seed-cache`` from a checkout's
 ``hub_configs/``). When they are not cached, one short probe of the Hub decides: no retries, so that a
 machine without network fails in seconds with a WeightsError rather than after a minute of back-off.
 """
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from .checkpoint import PICKLE_SUFFIXES
+from . import data
 from .errors import ConfigError, WeightsError
+from .files import atomic_write_text, refuse_pickle
 
 HUB_ORG = 'sd-zoo'
 PAPER_ID = 'arXiv:1603.09382'
@@ -29,23 +32,77 @@ PAPER_NAME = 'Deep Networks with Stochastic Depth'
 LICENSE = 'apache-2.0'
 WEIGHTS_FILE = 'model.safetensors'
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
 MANIFEST_PATH = Path(__file__).with_name('published.json')
 # The checkout's folder of Hub repos (absent in an installed wheel); see ``sd-zoo hub seed-cache``.
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / 'hub_configs'
 
-# Constant-depth baselines (tag suffix ``_cd``) are the same architectures trained with p_L = 1.
-CONSTANT_DEPTH_SUFFIX = '_cd'
-_CONSTANT_DEPTH_TAGS = ('sd_resnet20.c10j75_cd', 'sd_resnet56.c10j75_cd', 'sd_resnet110.c10j75_cd')
+
+@dataclass(frozen=True)
+class Tag:
+    """What a pretrained tag means."""
+    data: str                  # the data the weights were trained on (an sd_zoo.data name where it has one)
+    model_args: Dict[str, Any]  # create_model arguments of the weights (the rest are the model's defaults)
+    num_classes: int = 10
+    mean: Tuple[float, ...] = data.CIFAR10_MEAN
+    std: Tuple[float, ...] = data.CIFAR10_STD
 
 
-def load_manifest(path: Union[str, Path] = MANIFEST_PATH) -> Dict[str, Dict[str, Any]]:
-    """``{'model.tag': {'sha256': ..., 'model_args': {...}}}`` of published weights ({} if no file)."""
-    path = Path(path)
+def _data_tag(data_name: str, **model_args) -> Tag:
+    info = data.dataset_info(data_name)
+    return Tag(data_name, model_args, info.num_classes, info.mean, info.std)
+
+
+SD, CONSTANT = dict(drop_path_rate=0.5), dict(drop_path_rate=0.0)
+TAGS: Dict[str, Tag] = {
+    'c10j75': _data_tag('cifar10-jpeg75', **SD),
+    'c10j75_cd': _data_tag('cifar10-jpeg75', **CONSTANT),    # constant-depth baseline of c10j75
+    'c100j75': _data_tag('cifar100-jpeg75', **SD),
+    'c100j75_cd': _data_tag('cifar100-jpeg75', **CONSTANT),
+    'svhn': Tag('svhn', SD, 10, (0.5,) * 3, (0.5,) * 3),
+    'in1k': Tag('imagenet-1k', SD, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def tag_info(tag: str) -> Tag:
+    if tag not in TAGS:
+        raise ConfigError(f'unknown pretrained tag {tag!r}; known tags: {", ".join(TAGS)}')
+    return TAGS[tag]
+
+
+def tag_for(data_name: str, model_args: Dict[str, Any]) -> str:
+    """The tag of weights trained on ``data_name`` with ``model_args`` (ConfigError if none fits)."""
+    for tag, info in TAGS.items():
+        if info.data == data_name and all(model_args.get(k) == v for k, v in info.model_args.items()):
+            return tag
+    raise ConfigError(f'no pretrained tag means weights trained on {data_name} with {model_args}; the tags are '
+                      f'{", ".join(f"{t} ({i.data}, {i.model_args})" for t, i in TAGS.items())}: '
+                      f'register one in sd_zoo/pretrained.py TAGS, or pass --tag')
+
+
+def hub_id(model_name: str, tag: str) -> str:
+    return f'{HUB_ORG}/{model_name}.{tag}'
+
+
+def _cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
+    info = tag_info(tag)
+    return dict(hf_hub_id=hub_id(model_name, tag), num_classes=info.num_classes, mean=info.mean, std=info.std,
+                first_conv='conv1', classifier='fc', license=LICENSE, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
+                **kwargs)
+
+
+def cifar_cfg(model_name: str, tag: str) -> Dict[str, Any]:
+    return _cfg(model_name, tag, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation='bilinear',
+                origin_url='https://github.com/yueatsprograms/Stochastic_Depth')
+
+
+def imagenet_cfg(model_name: str, tag: str) -> Dict[str, Any]:
+    return _cfg(model_name, tag, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation='bilinear')
+
+
+def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Any]]:
+    """``{'model.tag': {'sha256': ..., 'model_args': {...}, 'top1_err': ...}}`` of published weights."""
+    path = Path(path or MANIFEST_PATH)
     if not path.exists():
         return {}
     try:
@@ -54,55 +111,27 @@ def load_manifest(path: Union[str, Path] = MANIFEST_PATH) -> Dict[str, Dict[str,
         raise ConfigError(f'{path} is not valid JSON ({e}); restore it from version control') from e
 
 
-def write_manifest_entry(name: str, sha256: str, model_args: Dict[str, Any],
-                         path: Union[str, Path] = MANIFEST_PATH) -> None:
-    """Record ``name`` as published (sorted, so that rebuilding one entry leaves a one-entry diff)."""
-    path = Path(path)
+def write_manifest_entry(name: str, entry: Dict[str, Any], path: Optional[Union[str, Path]] = None) -> None:
+    """Record what was built for ``name`` (sorted, so that rebuilding one entry leaves a one-entry diff)."""
+    path = Path(path or MANIFEST_PATH)
     manifest = load_manifest(path)
-    manifest[name] = dict(sha256=sha256, model_args=model_args)
-    path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2, sort_keys=True) + '\n')
-    if path.resolve() == MANIFEST_PATH.resolve():  # keep this process's view in step with the file
-        PUBLISHED.add(name)
-        TAG_MODEL_ARGS[name] = dict(model_args)
+    manifest[name] = entry
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
 
 
-MANIFEST = load_manifest()
-
-# 'model.tag' of every weight that has been published.
-PUBLISHED = set(MANIFEST)
-
-# Model kwargs that weights of a tag were trained with, where they differ from the defaults.
-TAG_MODEL_ARGS: Dict[str, Dict[str, Any]] = {name: dict(drop_path_rate=0.0) for name in _CONSTANT_DEPTH_TAGS}
-TAG_MODEL_ARGS.update({name: dict(entry.get('model_args', {})) for name, entry in MANIFEST.items()})
-
-
-def hub_id(model_name: str, tag: str) -> str:
-    return f'{HUB_ORG}/{model_name}.{tag}'
-
-
-def cifar_cfg(model_name: str, tag: str, num_classes: int = 10, **kwargs) -> Dict[str, Any]:
-    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
-    cfg = dict(
-        hf_hub_id=hub_id(model_name, tag),
-        num_classes=num_classes, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-        interpolation='bilinear', mean=mean, std=std, first_conv='conv1', classifier='fc',
-        license=LICENSE, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-        origin_url='https://github.com/yueatsprograms/Stochastic_Depth',
-    )
-    cfg.update(kwargs)
-    return cfg
+def is_published(name: str) -> bool:
+    return name in load_manifest()
 
 
 def tag_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
-    if not tag:
-        return {}
-    return dict(TAG_MODEL_ARGS.get(f'{variant}.{tag}', {}))
+    """The create_model arguments that weights of ``variant.tag`` need."""
+    return dict(tag_info(tag).model_args) if tag else {}
 
 
 def resolve_tag(variant: str, pretrained_cfg) -> Optional[str]:
     """The pretrained tag requested through ``create_model('variant.tag')``; a clear error if unknown."""
     if isinstance(pretrained_cfg, str):
-        if get_pretrained_cfg(f'{variant}.{pretrained_cfg}') is None:
+        if f'{variant}.{pretrained_cfg}' not in list_pretrained(f'{variant}.*'):
             known = ', '.join(list_pretrained(f'{variant}.*')) or 'none'
             raise ConfigError(f'unknown pretrained tag {variant}.{pretrained_cfg}; known tags: {known}')
         return pretrained_cfg
@@ -118,6 +147,15 @@ def _repo_name(repo_id: str) -> str:
     return hf_split(repo_id)[0].split('/')[-1]
 
 
+def train_hint(name: str) -> str:
+    """How to train weights for ``name`` with sd-zoo, where its trainer supports the tag's data."""
+    arch, _, tag = name.partition('.')
+    info = TAGS.get(tag)
+    if info is None or 'test' not in getattr(data.DATASETS.get(info.data), 'splits', ()):
+        return ''
+    return f' Train them with `sd-zoo train --model {arch} --data {info.data}` (then `sd-zoo hub build`).'
+
+
 def how_to_get_weights(name: str) -> str:
     """The ways to obtain weights for ``name`` without the Hub, for error messages."""
     shipped = SHIPPED_DIR / name
@@ -128,48 +166,44 @@ def how_to_get_weights(name: str) -> str:
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors'))")
 
 
-def refuse_pickle(path: Union[str, Path]) -> None:
-    """timm would unpickle a .pth/.bin file; sd-zoo asks for safetensors unless the caller opts in."""
-    if Path(path).suffix in PICKLE_SUFFIXES:
-        raise WeightsError(
-            f'{path} is a pickle-based checkpoint; sd-zoo loads pretrained weights from safetensors only, '
-            f'since unpickling can run arbitrary code. Convert it where you trust it (safetensors.torch.save_file), '
-            f'or load it explicitly with sd_zoo.checkpoint.load_weights(path, model_name, allow_pickle=True)')
+def _sha256_of_blob(path: str) -> Optional[str]:
+    """The sha256 a Hugging Face cache file must have: large (LFS) files are stored under that name."""
+    blob = Path(path).resolve().name
+    return blob if len(blob) == 64 and all(c in '0123456789abcdef' for c in blob) else None
 
 
-def check_safetensors(path: Union[str, Path], what: str) -> None:
-    """Read the header of a weights file, so that a truncated or foreign file fails with advice."""
-    from .checkpoint import read_metadata
+def verified_weights(path: Union[str, Path], sha256: Optional[str] = None, name: Optional[str] = None):
+    """The tensors of a weights file after every check its bytes allow (``checkpoint.load_state_dict``)."""
+    from .checkpoint import load_state_dict
     try:
-        read_metadata(path)
+        return load_state_dict(path, sha256=sha256)
     except WeightsError as e:
-        raise WeightsError(f'{what} {e}. Delete it and download or seed it again (`sd-zoo hub seed-cache`), '
-                           f'or rebuild it with `sd-zoo hub build`') from e
+        if name is None:
+            raise
+        raise WeightsError(f'the cached weights of {name} fail their check: {e} (or seed them again with '
+                           f'`sd-zoo hub seed-cache`)') from e
 
 
-def ensure_hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: bool = True,
-                    cache_dir: Optional[Union[str, Path]] = None) -> None:
-    """Make sure ``hf_hub_download(repo_id, filename)`` will succeed quickly, else raise WeightsError.
+def hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: bool = True,
+             cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``filename`` from the Hub repo ``repo_id``: cached, else downloaded; else a WeightsError.
 
-    A cached file is checked and accepted. Otherwise, unless offline mode forbids it, a single HEAD
-    request without retries (huggingface_hub's back-off spends about 25 s on an unreachable Hub)
-    tells whether the download can work.
+    Before a download, unless offline mode forbids it, a single HEAD request without retries
+    (huggingface_hub's back-off spends about 25 s on an unreachable Hub) tells whether it can work.
     """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     repo, revision = hf_split(repo_id)
     cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
     if isinstance(cached, str):
-        if filename.endswith('.safetensors'):
-            check_safetensors(cached, f'cached weights of {name}:')
-        return
+        return cached
     cache = cache_dir or constants.HF_HUB_CACHE
     if not published:
         raise WeightsError(
             f'no published weights for {name} yet (its Hub repo {repo} has none) and none in the '
-            f'Hugging Face cache {cache}. Train them with `sd-zoo train --model {name.split(".")[0]} ...`. '
-            f'{how_to_get_weights(name)}. Published weights: {", ".join(sorted(PUBLISHED)) or "none yet"}.')
+            f'Hugging Face cache {cache}.{train_hint(name)} {how_to_get_weights(name)}. '
+            f'Published weights: {", ".join(sorted(load_manifest())) or "none yet"}.')
     if constants.is_offline_mode():
         raise WeightsError(
             f'{name}: HF_HUB_OFFLINE is set and {repo}/{filename} is not in the Hugging Face cache {cache}. '
@@ -184,17 +218,33 @@ def ensure_hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, publi
             f'cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {repo}/{filename}, and it '
             f'is not in the cache {cache} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). '
             f'{how_to_get_weights(name)}.') from e
+    return hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir)
 
 
-def check_weights_available(variant: str, pretrained_cfg, pretrained_cfg_overlay: Optional[Dict],
-                            cache_dir: Optional[Union[str, Path]] = None) -> None:
-    """Fail fast, before timm's loader runs, when ``pretrained=True`` cannot succeed or would unpickle."""
+def _hub_weights(repo_id: str, name: str, published: bool, cache_dir) -> Dict[str, Any]:
+    path = hub_file(repo_id, name, published=published, cache_dir=cache_dir)
+    state = verified_weights(path, _sha256_of_blob(path), name)
+    recorded = load_manifest().get(name, {}).get('sha256')
+    if recorded and recorded != _sha256_of_blob(path):
+        raise WeightsError(f'cached weights of {name} ({path}) have sha256 {_sha256_of_blob(path)}, but '
+                           f'sd_zoo/published.json records {recorded}: delete them from the cache and download '
+                           f'or seed them again (`sd-zoo hub seed-cache`)')
+    return state
+
+
+def pretrained_state(variant: str, pretrained_cfg, pretrained_cfg_overlay: Optional[Dict],
+                     cache_dir: Optional[Union[str, Path]] = None) -> Optional[Dict[str, Any]]:
+    """The verified tensors ``create_model(..., pretrained=True)`` should load, before timm's loader runs.
+
+    Fails fast with advice when the weights cannot be had, are corrupt, or would have to be unpickled.
+    None where the caller hands over weights of their own (``state_dict`` or ``url`` in the overlay).
+    """
     overlay = pretrained_cfg_overlay or {}
     if overlay.get('file'):
         refuse_pickle(overlay['file'])
-        return
+        return verified_weights(overlay['file'])
     if overlay.get('state_dict') or overlay.get('url'):
-        return  # the user hands over their own weights
+        return None
     if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
         # A full cfg, from an ``hf-hub:`` or ``local-dir:`` model name (timm has read its config.json).
         cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()
@@ -203,18 +253,26 @@ def check_weights_available(variant: str, pretrained_cfg, pretrained_cfg_overlay
             if not weights.is_file():
                 # timm would fall back to pytorch_model.bin & co., i.e. unpickle
                 raise WeightsError(f'{cfg["file"]} has no {WEIGHTS_FILE}; sd-zoo loads safetensors weights only')
-            check_safetensors(weights, 'weights file')
-        elif cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
-            ensure_hub_file(cfg['hf_hub_id'], _repo_name(cfg['hf_hub_id']), cache_dir=cache_dir)
-        return
+            return verified_weights(weights, shipped_sha256(weights))
+        if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+            return _hub_weights(cfg['hf_hub_id'], _repo_name(cfg['hf_hub_id']), True, cache_dir)
+        return None
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
     name = f'{variant}.{cfg.tag}' if cfg.tag else variant
     if cfg.file:
         refuse_pickle(cfg.file)
-        return
+        return verified_weights(cfg.file)
     if cfg.url or not cfg.hf_hub_id:
-        return
-    ensure_hub_file(cfg.hf_hub_id, name, published=name in PUBLISHED, cache_dir=cache_dir)
+        return None
+    return _hub_weights(cfg.hf_hub_id, name, is_published(name), cache_dir)
+
+
+def shipped_sha256(weights: Union[str, Path]) -> Optional[str]:
+    """The sha256 published.json records for a weights file of the checkout's hub_configs/, else None."""
+    folder = Path(weights).resolve().parent
+    if folder.parent != SHIPPED_DIR.resolve():
+        return None
+    return load_manifest().get(folder.name, {}).get('sha256')
 
 
 def create_pretrained(model_name: str, **kwargs):
@@ -226,5 +284,5 @@ def create_pretrained(model_name: str, **kwargs):
     import timm
     if model_name.startswith('hf-hub:'):
         repo_id = model_name[len('hf-hub:'):]
-        ensure_hub_file(repo_id, _repo_name(repo_id), filename='config.json', cache_dir=kwargs.get('cache_dir'))
+        hub_file(repo_id, _repo_name(repo_id), filename='config.json', cache_dir=kwargs.get('cache_dir'))
     return timm.create_model(model_name, pretrained=True, **kwargs)

@@ -19,8 +19,6 @@ def _probs_and_stages(source: ProbsSource) -> Tuple[List[float], List[int]]:
     if hasattr(source, 'survival_probs'):  # an sd-zoo model
         stages = [len(getattr(source, f'layer{i + 1}')) for i in range(getattr(source, 'num_stages', 0))]
         return list(source.survival_probs), stages
-    if isinstance(source, dict):  # model.sd_config()
-        return list(source['survival_probs']), []
     return [float(p) for p in source], []
 
 
@@ -28,7 +26,7 @@ def plot_schedule(source: ProbsSource, path: Union[str, Path], title: Optional[s
     """Write a PNG bar chart of per-block survival probability.
 
     Args:
-        source: an sd-zoo model, its ``sd_config()`` dict, or a sequence of probabilities (block 1 first).
+        source: an sd-zoo model, or a sequence of probabilities (block 1 first).
         path: the PNG to write.
         title: first title line (default: none); the second line always gives the expected depth.
     """
@@ -59,10 +57,10 @@ def plot_schedule(source: ProbsSource, path: Union[str, Path], title: Optional[s
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
+    from .loader import load_model
 
     kwargs = dict(drop_path_rate=args.drop_path_rate, sd_schedule=args.sd_schedule)
-    model = timm.create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None})
+    model = load_model(args.model, pretrained=False, **{k: v for k, v in kwargs.items() if v is not None})
     path = plot_schedule(model, args.output, title=args.model)
     print(f'{path}: {model.num_blocks} blocks, expected depth {model.expected_depth:.2f}')
     return 0

@@ -2,11 +2,15 @@
 
 Three stages of ``n`` basic blocks with 16, 32 and 64 channels; post-activation blocks
 Conv3x3-BN-ReLU-Conv3x3-BN, add, ReLU; stem Conv3x3-BN-ReLU; at the two transitions the shortcut is a
-stride-2 average pooling with a 1x1 window (a subsampling, as fb.resnet.torch and the paper's code) and
-zero channel padding, so no parameters; global average pooling and a linear classifier. Depth is
-``6n + 2``: ResNet-110 has n = 18 (54 blocks, about 1.7M parameters), ResNet-1202 n = 200 (about 19.4M).
-The SVHN net of the paper is the same net with n = 25 (152 layers), registered as ``sd_svhn_resnet152``
-so that it cannot be confused with the ImageNet ``sd_resnet152``.
+stride-2 average pooling and zero channel padding, so no parameters; global average pooling and a
+linear classifier. Depth is ``6n + 2``: ResNet-110 has n = 18 (54 blocks, about 1.7M parameters),
+ResNet-1202 n = 200 (about 19.4M). The SVHN net of the paper is the same net with n = 25 (152 layers),
+registered as ``sd_svhn_resnet152`` so that it cannot be confused with the ImageNet ``sd_resnet152``.
+
+The transition pooling has a 1x1 window (a plain subsampling) as in the code the paper was run with;
+the authors' repository switched to a 2x2 window in 2017, which ``sd_shortcut_pool=2`` selects.
+BatchNorm scales start at 1 (torch's default); the paper's Torch7 code used cudnn.torch, whose
+BatchNorm draws them uniformly from [0, 1]: ``bn_init='uniform'`` reproduces that.
 
 Every block, transitions included, carries a stochastic-depth gate (``stochastic_depth.py``); by default
 ``p_L = 0.5`` with the paper's linear decay.
@@ -27,13 +31,16 @@ from .stochastic_depth import ResidualGateMixin, StochasticDepth
 
 __all__ = ['SDCifarResNet', 'CifarBasicBlock', 'ZeroPadShortcut']
 
+BN_INITS = ('ones', 'uniform')
+
 
 class ZeroPadShortcut(nn.Module):
-    """Parameter-free transition shortcut: subsample by ``stride`` and pad the new channels with zeros."""
+    """Parameter-free transition shortcut: average-pool with stride ``stride`` and pad new channels with zeros."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, pool_size: int = 1):
         super().__init__()
-        self.pool = nn.AvgPool2d(kernel_size=1, stride=stride) if stride > 1 else nn.Identity()
+        self.pool = nn.AvgPool2d(kernel_size=pool_size, stride=stride) if stride > 1 else nn.Identity()
+        self.in_chs, self.stride, self.pool_size = in_chs, stride, pool_size if stride > 1 else 1
         self.pad_chs = out_chs - in_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +48,18 @@ class ZeroPadShortcut(nn.Module):
         if self.pad_chs > 0:
             x = F.pad(x, (0, 0, 0, 0, 0, self.pad_chs))
         return x
+
+    def as_conv(self) -> nn.Conv2d:
+        """The same map as a strided convolution: channel c averages its window into channel c, new ones get 0.
+
+        Exact, and it keeps ONNX Runtime's CPU graph in its blocked channel layout (see ``onnx_export``).
+        """
+        k = self.pool_size
+        conv = nn.Conv2d(self.in_chs, self.in_chs + self.pad_chs, k, stride=self.stride, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[torch.arange(self.in_chs), torch.arange(self.in_chs)] = 1.0 / (k * k)
+        return conv
 
 
 @register_notrace_module  # FX keeps the gate (Python control flow) inside a leaf module
@@ -55,6 +74,7 @@ class CifarBasicBlock(ResidualGateMixin, nn.Module):
             survival_prob: float = 1.0,
             gate: str = 'batch',
             rule: str = 'paper',
+            shortcut_pool: int = 1,
             act_layer=nn.ReLU,
             norm_layer=nn.BatchNorm2d,
             device=None,
@@ -68,12 +88,12 @@ class CifarBasicBlock(ResidualGateMixin, nn.Module):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.bn2 = norm_layer(out_chs, **dd)
         needs_shortcut = stride != 1 or in_chs != out_chs
-        self.shortcut = ZeroPadShortcut(in_chs, out_chs, stride) if needs_shortcut else nn.Identity()
+        self.shortcut = ZeroPadShortcut(in_chs, out_chs, stride, shortcut_pool) if needs_shortcut else nn.Identity()
         self.act2 = act_layer(inplace=True)
         self.stochastic_depth = StochasticDepth(survival_prob, gate=gate, rule=rule)
 
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+    def branch_norm(self) -> nn.Module:
+        return self.bn2
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x)
@@ -102,8 +122,13 @@ class SDCifarResNet(SDResNetBase):
         sd_gate: ``'batch'`` (paper: one draw per block per mini-batch, dropped branches are not computed)
             or ``'sample'`` (one draw per sample, as timm's DropPath).
         sd_rule: ``'paper'`` (eval scales the branch by p_l) or ``'inverted'`` (train divides by p_l).
-        zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper's code, which
-            keeps it at 1; ``sd_resnet1202`` turns it on, see there).
+        sd_shortcut_pool: window of the transition shortcut's average pooling: 1 (the paper's code) or 2
+            (the authors' later code).
+        sd_keep_blocks: build the net depth-pruned, keeping only these blocks (0-based, in forward order);
+            see :func:`sd_zoo.prune_blocks`.
+        bn_init: ``'ones'`` (torch's default BatchNorm scale) or ``'uniform'`` (U[0, 1], as cudnn.torch).
+        zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper's code;
+            ``sd_resnet1202`` turns it on, see there).
     """
 
     def __init__(
@@ -119,8 +144,11 @@ class SDCifarResNet(SDResNetBase):
             sd_probs: Optional[Sequence[float]] = None,
             sd_gate: str = 'batch',
             sd_rule: str = 'paper',
+            sd_shortcut_pool: int = 1,
+            sd_keep_blocks: Optional[Sequence[int]] = None,
             act_layer: Union[str, type] = 'relu',
             norm_layer: Union[str, type] = 'batchnorm2d',
+            bn_init: str = 'ones',
             zero_init_last: bool = False,
             drop_block_rate: float = 0.0,
             device=None,
@@ -132,9 +160,14 @@ class SDCifarResNet(SDResNetBase):
             raise ConfigError(f'the CIFAR ResNets have 3 stages; got {len(channels)} channel widths')
         if blocks_per_stage < 1:
             raise ConfigError(f'blocks_per_stage must be >= 1, got {blocks_per_stage}')
+        if sd_shortcut_pool not in (1, 2):
+            raise ConfigError(f'sd_shortcut_pool must be 1 (the paper\'s code) or 2, got {sd_shortcut_pool!r}')
+        if bn_init not in BN_INITS:
+            raise ConfigError(f'unknown bn_init {bn_init!r}; choose one of {BN_INITS}')
         act_layer, norm_layer, probs = self._init_common(
             num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
             3 * blocks_per_stage, drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+        self._sd_args['sd_shortcut_pool'] = sd_shortcut_pool
 
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False, **dd)
         self.bn1 = norm_layer(channels[0], **dd)
@@ -150,7 +183,8 @@ class SDCifarResNet(SDResNetBase):
             for i in range(blocks_per_stage):
                 blocks.append(CifarBasicBlock(
                     in_chs, out_chs, stride=stride if i == 0 else 1, survival_prob=probs[block_idx],
-                    gate=sd_gate, rule=sd_rule, act_layer=act_layer, norm_layer=norm_layer, **dd))
+                    gate=sd_gate, rule=sd_rule, shortcut_pool=sd_shortcut_pool, act_layer=act_layer,
+                    norm_layer=norm_layer, **dd))
                 in_chs = out_chs
                 block_idx += 1
             self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
@@ -158,19 +192,23 @@ class SDCifarResNet(SDResNetBase):
         self.num_stages = len(channels)
         self.num_features = self.head_hidden_size = channels[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.init_weights(zero_init_last=zero_init_last)
+        self.init_weights(zero_init_last=zero_init_last, bn_init=bn_init)
+        self._finish_init(sd_keep_blocks)
 
     @torch.jit.ignore
-    def init_weights(self, zero_init_last: bool = False) -> None:
+    def init_weights(self, zero_init_last: bool = False, bn_init: str = 'ones') -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d) and bn_init == 'uniform':
+                nn.init.uniform_(m.weight, 0.0, 1.0)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, CifarBasicBlock):
                     m.zero_init_last()
+
     def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer3(self.layer2(self.layer1(x)))
 
@@ -179,19 +217,18 @@ def _create(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwa
     return create_sd_model(SDCifarResNet, variant, pretrained, blocks_per_stage=blocks_per_stage, **kwargs)
 
 
+# Pretrained tags of each architecture (what a tag means: sd_zoo.pretrained.TAGS); the first is the default.
+PRETRAINED_TAGS = {
+    'sd_resnet20': ('c10j75', 'c10j75_cd'),
+    'sd_resnet32': ('c10j75',),
+    'sd_resnet44': ('c10j75',),
+    'sd_resnet56': ('c10j75', 'c10j75_cd'),
+    'sd_resnet110': ('c10j75', 'c10j75_cd', 'c100j75', 'c100j75_cd'),
+    'sd_resnet1202': ('c10j75',),
+    'sd_svhn_resnet152': ('svhn',),
+}
 default_cfgs = generate_default_cfgs({
-    'sd_resnet20.c10j75': cifar_cfg('sd_resnet20', 'c10j75'),
-    'sd_resnet20.c10j75_cd': cifar_cfg('sd_resnet20', 'c10j75_cd'),
-    'sd_resnet32.c10j75': cifar_cfg('sd_resnet32', 'c10j75'),
-    'sd_resnet44.c10j75': cifar_cfg('sd_resnet44', 'c10j75'),
-    'sd_resnet56.c10j75': cifar_cfg('sd_resnet56', 'c10j75'),
-    'sd_resnet56.c10j75_cd': cifar_cfg('sd_resnet56', 'c10j75_cd'),
-    'sd_resnet110.c10j75': cifar_cfg('sd_resnet110', 'c10j75'),
-    'sd_resnet110.c10j75_cd': cifar_cfg('sd_resnet110', 'c10j75_cd'),
-    'sd_resnet110.c100j75': cifar_cfg('sd_resnet110', 'c100j75', num_classes=100),
-    'sd_resnet1202.c10j75': cifar_cfg('sd_resnet1202', 'c10j75'),
-    'sd_svhn_resnet152.svhn': cifar_cfg('sd_svhn_resnet152', 'svhn', mean=(0.5,) * 3, std=(0.5,) * 3),
-})
+    f'{arch}.{tag}': cifar_cfg(arch, tag) for arch, tags in PRETRAINED_TAGS.items() for tag in tags})
 
 
 @register_model

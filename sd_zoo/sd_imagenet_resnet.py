@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, make_blocks
 
 from .errors import ConfigError, WeightsError
-from .pretrained import LICENSE, PAPER_ID, PAPER_NAME, hub_id
+from .pretrained import imagenet_cfg
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 
@@ -33,6 +33,10 @@ class SDBottleneck(ResidualGateMixin, Bottleneck):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.stochastic_depth = StochasticDepth()
+
+    def branch_norm(self) -> Optional[nn.Module]:
+        # A squeeze-excitation after bn3 rescales by a function of its own input, which p_l does not pass.
+        return self.bn3 if self.se is None else None
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
@@ -52,7 +56,7 @@ class SDImageNetResNet(SDResNetBase):
 
     Args:
         layers: blocks per stage, e.g. (3, 8, 36, 3) for ResNet-152.
-        drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule: as for :class:`SDCifarResNet`.
+        drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule, sd_keep_blocks: as for :class:`SDCifarResNet`.
         zero_init_last: zero-initialise each branch's last BatchNorm scale (timm's default for ResNets).
     """
 
@@ -68,6 +72,7 @@ class SDImageNetResNet(SDResNetBase):
             sd_probs: Optional[Sequence[float]] = None,
             sd_gate: str = 'batch',
             sd_rule: str = 'paper',
+            sd_keep_blocks: Optional[Sequence[int]] = None,
             act_layer: Union[str, type] = 'relu',
             norm_layer: Union[str, type] = 'batchnorm2d',
             zero_init_last: bool = True,
@@ -104,6 +109,7 @@ class SDImageNetResNet(SDResNetBase):
         self.num_features = self.head_hidden_size = channels[-1] * SDBottleneck.expansion
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.init_weights(zero_init_last=zero_init_last)
+        self._finish_init(sd_keep_blocks)
 
     @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -134,22 +140,12 @@ def load_imagenet_resnet_weights(model: SDImageNetResNet, state_dict: Dict[str, 
             f'(timm resnetNN or torchvision resnetNN) load with the identity key map')
 
 
-def _imagenet_cfg(model_name: str, tag: str) -> Dict:
-    return dict(
-        hf_hub_id=hub_id(model_name, tag), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
-        crop_pct=0.875, interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        first_conv='conv1', classifier='fc', license=LICENSE, paper_ids=PAPER_ID, paper_name=PAPER_NAME)
-
-
 def _create(variant: str, layers: Tuple[int, ...], pretrained: bool = False, **kwargs) -> SDImageNetResNet:
     return create_sd_model(SDImageNetResNet, variant, pretrained, feature_levels=5, layers=layers, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'sd_resnet50.in1k': _imagenet_cfg('sd_resnet50', 'in1k'),
-    'sd_resnet101.in1k': _imagenet_cfg('sd_resnet101', 'in1k'),
-    'sd_resnet152.in1k': _imagenet_cfg('sd_resnet152', 'in1k'),
-})
+    f'{arch}.in1k': imagenet_cfg(arch, 'in1k') for arch in ('sd_resnet50', 'sd_resnet101', 'sd_resnet152')})
 
 
 @register_model

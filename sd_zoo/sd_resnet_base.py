@@ -6,7 +6,7 @@ forward_features / forward_head / forward_intermediates, features_only through t
 classifier reset, gradient checkpointing and parameter grouping, and draws the gates of every block at
 the start of each training forward (one RNG call per mini-batch).
 """
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from .errors import ConfigError, InputShapeError
-from .pretrained import check_weights_available, resolve_tag, tag_model_args
+from .pretrained import pretrained_state, resolve_tag, tag_model_args
 from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
 
 
@@ -49,24 +49,32 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
 class SDResNetBase(StochasticDepthMixin, nn.Module):
     """timm's standard model interface over a stem, ``num_stages`` stages of gated blocks and a head."""
 
-    def _init_common(self, num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
-                     num_blocks, drop_path_rate, schedule, probs, gate, rule):
+    def _init_common(self, num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer, num_blocks,
+                     drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule):
         """Settings every sd-zoo ResNet shares; returns (act_layer, norm_layer, per-block probabilities)."""
         if drop_block_rate:
             raise ConfigError('drop_block_rate is not supported by sd-zoo ResNets; leave it at 0')
-        if gate not in GATES:
-            raise ConfigError(f'unknown sd_gate {gate!r}; choose one of {GATES}')
-        if rule not in RULES:
-            raise ConfigError(f'unknown sd_rule {rule!r}; choose one of {RULES}')
+        if sd_gate not in GATES:
+            raise ConfigError(f'unknown sd_gate {sd_gate!r}; choose one of {GATES}')
+        if sd_rule not in RULES:
+            raise ConfigError(f'unknown sd_rule {sd_rule!r}; choose one of {RULES}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        resolved = survival_probs(num_blocks, drop_path_rate, schedule if probs is None else probs)
-        self._sd_config = dict(
-            schedule='explicit' if probs is not None else schedule, drop_path_rate=float(drop_path_rate),
-            survival_probs=resolved, gate=gate, rule=rule)
-        return get_act_layer(act_layer), get_norm_layer(norm_layer), resolved
+        self.sd_keep_blocks = None
+        probs = survival_probs(num_blocks, drop_path_rate, sd_schedule if sd_probs is None else sd_probs)
+        # What sd_config() reports: exactly the keyword arguments that rebuild these probabilities.
+        self._sd_args = dict(drop_path_rate=float(drop_path_rate), sd_schedule=sd_schedule) if sd_probs is None \
+            else dict(sd_probs=probs)
+        self._sd_args.update(sd_gate=sd_gate, sd_rule=sd_rule)
+        return get_act_layer(act_layer), get_norm_layer(norm_layer), probs
+
+    def _finish_init(self, sd_keep_blocks: Optional[Sequence[int]]) -> None:
+        """Prune to ``sd_keep_blocks`` (global block indices) when the model is built pruned."""
+        if sd_keep_blocks is not None:
+            from .pruning import apply_keep_blocks
+            apply_keep_blocks(self, sd_keep_blocks)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -188,14 +196,29 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
 
 
 def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_levels: int = 4, **kwargs):
-    """Build a registered sd-zoo model through timm, applying the stochastic-depth settings of its tag."""
+    """Build a registered sd-zoo model through timm, with the settings of its tag and verified weights."""
     tag = resolve_tag(variant, kwargs.get('pretrained_cfg'))
     for k, v in tag_model_args(variant, tag).items():
         kwargs.setdefault(k, v)
+    state, keep = None, None
     if pretrained:
-        check_weights_available(
+        keep = kwargs.pop('sd_keep_blocks', None)  # prune after the full weights have loaded
+        state = pretrained_state(
             variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
+    if state is not None:
+        # timm's loader (head reset for another class count, first-conv adaptation for in_chans) then
+        # takes these verified tensors instead of reading the file again unchecked.
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state,
+                                                source='state_dict')
     if kwargs.get('features_only'):
         kwargs.setdefault('out_indices', tuple(range(feature_levels)))
-    return build_model_with_cfg(
-        model_cls, variant, pretrained, feature_cfg=dict(feature_cls='getter'), **kwargs)
+    model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=dict(feature_cls='getter'), **kwargs)
+    if state is not None:
+        cfg = dict(model.pretrained_cfg)
+        cfg.pop('state_dict', None)
+        given = kwargs.get('pretrained_cfg')
+        cfg['source'] = given.get('source') if isinstance(given, dict) else None
+        model.pretrained_cfg = model.default_cfg = cfg
+    if keep is not None:
+        model._finish_init(keep)
+    return model

@@ -68,6 +68,15 @@ def survival_probs(
     raise ConfigError(f'unknown survival schedule {schedule!r}; choose one of {SCHEDULES} or give a list')
 
 
+def describe_depth(model_args: Dict[str, object]) -> str:
+    """``'constant depth'`` or ``'stochastic depth (p_L = 0.5)'`` for a model's create_model arguments."""
+    probs = model_args.get('sd_probs')
+    p_last = float(probs[-1]) if probs else 1.0 - float(model_args.get('drop_path_rate', 0.5))
+    if (all(float(p) == 1.0 for p in probs) if probs else p_last == 1.0):
+        return 'constant depth'
+    return f'stochastic depth (p_L = {p_last:g})'
+
+
 def expected_depth(probs: Iterable[float]) -> float:
     """Expected number of residual blocks executed per training mini-batch: sum of p_l (paper eq. 5)."""
     return float(sum(probs))
@@ -182,6 +191,16 @@ class ResidualGateMixin:
     # Submodules whose parameters are not part of the branch f.
     shortcut_modules = ('shortcut', 'downsample')
 
+    def branch_norm(self) -> Optional[nn.Module]:
+        """The norm layer whose output is the branch output (where p_l folds exactly), or None if none is."""
+        raise NotImplementedError
+
+    def zero_init_last(self) -> None:
+        """Zero the scale of the branch's last norm, so that a fresh block starts as its shortcut."""
+        norm = self.branch_norm()
+        if norm is not None and getattr(norm, 'weight', None) is not None:
+            nn.init.zeros_(norm.weight)
+
     def branch_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.split('.', 1)[0] not in self.shortcut_modules]
 
@@ -220,8 +239,15 @@ class StochasticDepthMixin:
         return expected_depth(self.survival_probs)
 
     def sd_config(self) -> Dict[str, object]:
-        """The stochastic-depth settings, JSON-able, as stored beside trained weights."""
-        return dict(self._sd_config)
+        """The stochastic-depth settings as ``create_model`` keyword arguments, JSON-able.
+
+        ``timm.create_model(name, **model.sd_config())`` builds this network again; the same dict is stored
+        with trained weights (safetensors metadata, config.json ``model_args``, ONNX metadata).
+        """
+        args = dict(self._sd_args)
+        if getattr(self, 'sd_keep_blocks', None) is not None:
+            args['sd_keep_blocks'] = list(self.sd_keep_blocks)
+        return args
 
     def set_gate_generator(self, generator: Optional[torch.Generator]) -> None:
         """Draw gates from ``generator`` (a CPU ``torch.Generator``), or from torch's global RNG if None."""

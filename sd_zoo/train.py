@@ -17,7 +17,7 @@ Recipes are plain dicts of defaults; every flag given on the command line overri
 
 Outputs in ``--output DIR`` (rank 0 writes): ``final.safetensors`` and ``best.safetensors`` (weights
 at the best validation epoch, absent with ``--val-size 0``), both with metadata ``sd_zoo.model``,
-``sd_zoo.sd_config``, ``sd_zoo.num_classes``, ``sd_zoo.data``, ``sd_zoo.recipe``; ``metrics.jsonl``
+``sd_zoo.model_args``, ``sd_zoo.num_classes``, ``sd_zoo.data``, ``sd_zoo.recipe``, ``sd_zoo.init_from``; ``metrics.jsonl``
 (one line per epoch), ``summary.json``, ``run.json`` (command lines and resolved config),
 ``curves.png`` (paper Figure 3 layout) and ``checkpoint.pt``.
 
@@ -30,13 +30,22 @@ the same weights bit for bit as an uninterrupted run on the same machine and thr
 cuDNN's autotuning and atomics make GPU runs reproducible only statistically). It is read with
 ``torch.load(weights_only=True)``: nothing is unpickled.
 
+``--time-budget SECONDS`` trains the most epochs (at most ``--epochs``) that fit in that wall-clock time,
+counted from the process start: a probe on a copy of the model times steps, evaluation and a checkpoint,
+the whole schedule is compressed into the chosen epochs, and the run stops after an epoch if the next
+would overrun (``sd_zoo.time_budget``). The choice and the probe's measurements go into ``run.json`` and
+``summary.json`` (``time_budget``).
+
 Under ``torchrun --nproc_per_node N`` (DDP; NCCL on GPU, gloo on CPU) ``--batch-size`` is the global
 batch: every rank draws the same shuffled batch and keeps its slice, and every rank's gate generator
 has the same seed, so all ranks skip the same blocks (skipped blocks hand their parameters zero
 gradients, so DDP needs no ``find_unused_parameters``).
 """
 import argparse
+import copy
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -56,8 +65,11 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import save_weights
 from .errors import ConfigError
-from .evaluate import evaluate, load_eval_split, model_logits_fn
+from .evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
+from .files import atomic_write, atomic_write_text, remove_stale_temps
+from .loader import add_model_arguments
 from .metrics_plot import plot_runs, read_metrics
+from . import time_budget
 
 RECIPES = {
     'paper': dict(
@@ -70,13 +82,13 @@ RECIPES = {
         milestones=(), gamma=0.1, amp='bf16', channels_last=True),
 }
 
-# Settings outside the recipes. None for sd_schedule / sd_gate / sd_rule keeps the model's default.
+# Settings outside the recipes. None for a stochastic-depth setting keeps the model's (or its tag's) own.
 DEFAULTS = dict(
-    model='sd_resnet110', data='cifar10', recipe='paper', output=None,
-    drop_path_rate=0.5, sd_schedule=None, sd_gate=None, sd_rule=None,
+    model='sd_resnet110', data='cifar10', recipe='paper', output=None, pretrained=False, init_weights=None,
+    drop_path_rate=None, sd_schedule=None, sd_probs=None, sd_gate=None, sd_rule=None,
     seed=0, val_size=data.VAL_SIZE, train_subset=None, test_subset=None, max_steps=None,
     eval_every=1, eval_batch_size=1000, compile=False, num_threads=None, device=None,
-    resume=False, quiet=False, debug_dump=None,
+    resume=False, quiet=False, debug_dump=None, time_budget=None,
 )
 
 # Settings a resumed run may change. Bit-exact resumes still need the same thread count and compile flag.
@@ -104,7 +116,33 @@ def resolve_config(overrides: Dict) -> Dict:
         raise ConfigError(f"unknown lr schedule {cfg['schedule']!r}; choose step, cosine or linear")
     if cfg['amp'] not in ('none', 'bf16'):
         raise ConfigError(f"--amp must be none or bf16, got {cfg['amp']!r}")
+    _check_ranges(cfg)
     return cfg
+
+
+# (setting, lowest allowed value, whether the lowest is excluded) of the numeric settings.
+_RANGES = (
+    ('epochs', 1, False), ('batch_size', 1, False), ('lr', 0, True), ('eval_every', 1, False),
+    ('eval_batch_size', 1, False), ('train_subset', 1, False), ('test_subset', 1, False), ('max_steps', 1, False),
+    ('num_threads', 1, False), ('val_size', 0, False), ('momentum', 0, False), ('weight_decay', 0, False),
+    ('label_smoothing', 0, False), ('warmup_epochs', 0, False), ('gamma', 0, True), ('time_budget', 0, True),
+)
+
+
+def _check_ranges(cfg: Dict) -> None:
+    """Every numeric setting in its range, before any work: a bad value ends the run at once, not after an epoch."""
+    for key, low, strict in _RANGES:
+        value = cfg.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        if value < low or (strict and value == low):
+            flag = '--' + key.replace('_', '-')
+            raise ConfigError(f'{flag} must be {">" if strict else ">="} {low}, got {value}')
+    for key in ('momentum', 'label_smoothing'):
+        if cfg[key] >= 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be below 1, got {cfg[key]}")
+    if cfg['pretrained'] and cfg['init_weights']:
+        raise ConfigError('give --pretrained (the tag\'s weights) or --init-weights FILE, not both')
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Dict) -> float:
@@ -132,38 +170,122 @@ def build_optimizer(model: torch.nn.Module, cfg: Dict) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg['lr'], momentum=cfg['momentum'], nesterov=cfg['nesterov'], fused=True)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               label_smoothing: float, use_amp: bool) -> tuple:
+    """One optimizer step on a batch; returns the loss and the logits, detached and still on the device."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+# Dynamo cache entries one block shape needs: training, evaluation (no grad), and a batch-dynamic
+# evaluation graph once a smaller last batch arrives; one spare.
+_GRAPHS_PER_SHAPE = 4
+
+
 def compile_branches(model: torch.nn.Module) -> int:
-    """torch.compile each residual branch; returns how many.
+    """torch.compile each residual branch, compiling every distinct block shape once; returns the shape count.
 
     The gates are Python bools drawn outside the compiled code, so skipping blocks never triggers a
-    recompile (one graph per distinct block shape and mode). Compiling the whole model instead breaks
-    the graph at every gate draw (measured on sd_resnet20: 17 graphs, about 2.4x slower than eager on CPU).
+    recompile, and blocks of one shape share one graph (parameters are graph inputs). Dynamo keeps one
+    cache per code object, and ``forward_branch`` is one code object for all blocks, so its entries for
+    all shapes add up: the CIFAR nets have 5 shapes, 10 to 15 entries with evaluation, beyond torch's
+    default recompile limit of 8, which is raised to fit. Compiling the whole model instead breaks the
+    graph at every gate draw (measured on sd_resnet20: 17 graphs, about 2.4x slower than eager on CPU).
     """
+    import torch._dynamo
+
     from .stochastic_depth import ResidualGateMixin
     blocks = [m for m in model.modules() if isinstance(m, ResidualGateMixin)]
+    shapes = {(type(b), tuple(tuple(p.shape) for p in b.parameters())) for b in blocks}
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _GRAPHS_PER_SHAPE * len(shapes))
     for block in blocks:
         block.forward_branch = torch.compile(block.forward_branch)
-    return len(blocks)
+    return len(shapes)
 
 
-def create_model(cfg: Dict, num_classes: int) -> torch.nn.Module:
+MODEL_ARGS = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
+
+
+def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
+    """The network to train: ``cfg['model']`` (a tag brings its settings) with the run's stochastic-depth
+    settings, initialised from the tag's weights (``pretrained``) or a weights file (``init_weights``).
+    A different class count gets a fresh classifier; the rest of the weights are kept."""
     import timm
-    kwargs = {k: cfg[k] for k in ('sd_schedule', 'sd_gate', 'sd_rule') if cfg[k] is not None}
-    model = timm.create_model(cfg['model'], num_classes=num_classes, drop_path_rate=cfg['drop_path_rate'], **kwargs)
+    from timm.models import split_model_name_tag
+
+    from .loader import check_model_name, load_model
+
+    check_model_name(cfg['model'])
+    model_args = {k: cfg[k] for k in MODEL_ARGS if cfg[k] is not None}
+    source = cfg['init_weights'] or (cfg['model'] if cfg['pretrained'] else None)
+    if source:
+        model = load_model(source, **model_args)
+        if model.num_classes != num_classes:
+            say(f'{source}: {model.num_classes} classes -> {num_classes}: new classifier, the rest kept')
+            model.reset_classifier(num_classes)
+    else:
+        arch, tag = split_model_name_tag(cfg['model'])
+        if tag:
+            say(f'NOTE: {cfg["model"]}: training from scratch with the settings of tag {tag}, not its weights '
+                f'(add --pretrained to start from them)')
+        model = timm.create_model(cfg['model'], num_classes=num_classes, **model_args)
     if not hasattr(model, 'set_gate_generator'):
         raise ConfigError(f"{cfg['model']} is not a stochastic-depth model; use one of the sd_* models")
     return model
 
 
-def _atomic_save(path: Path, save) -> None:
-    """``save(tmp_path)`` then rename: a crash leaves the previous file or the new one, never half of one."""
-    tmp = path.with_name(f'.{path.name}.tmp')
-    save(tmp)
-    os.replace(tmp, path)
+# Output folders this process has locked, so that a run that failed in this process (an in-process
+# caller that catches the error) does not lock out the next run of the same folder.
+_HELD: Dict[str, object] = {}
+
+
+def _take_output(out: Path):
+    """Create the output folder and lock it for the run's life (an exclusive ``flock`` on ``out/.lock``,
+    which the kernel drops when the process dies, so a crashed run never blocks the next one)."""
+    import fcntl
+
+    previous = _HELD.pop(str(out.resolve()), None)
+    if previous is not None:
+        previous.close()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / '.lock', 'a+')
+    except OSError as e:
+        raise ConfigError(f'cannot write to --output {out}: {e.strerror or e}; choose a writable folder') from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise ConfigError(f'{out} is in use by another sd-zoo train (pid {lock.read().strip() or "unknown"}); '
+                          f'wait for it to finish or choose another --output') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    remove_stale_temps(out)  # left by a run killed while writing
+    _HELD[str(out.resolve())] = lock
+    return lock
+
+
+def _read_checkpoint(path: Path) -> Dict:
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'config', 'epoch'} <= set(ckpt):
+            raise ValueError('not an sd-zoo training checkpoint')
+    except Exception as e:  # torch raises many types for truncated, empty or foreign files
+        raise ConfigError(f'--resume: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                          f'it may be truncated: start a new run with another --output') from None
+    return ckpt
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic_save(path, lambda p: p.write_text(json.dumps(obj, indent=2) + '\n'))
+    atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
 def _distributed() -> tuple:
@@ -180,11 +302,80 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def train(config: Dict, command: Optional[str] = None) -> Dict:
-    """Train as ``config`` says (keys: see DEFAULTS and RECIPES) and return the summary dict."""
+def _min_over_ranks(value: int, device: torch.device, world_size: int) -> int:
+    """The smallest ``value`` of all ranks, so that every rank takes the same decision."""
+    if world_size == 1:
+        return value
+    t = torch.tensor(value, device=device if device.type == 'cuda' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _plan_time_budget(cfg: Dict, model: torch.nn.Module, loader, eval_sets: Dict, mean, std, device: torch.device,
+                      use_amp: bool, channels_last: bool, started: float, world_size: int) -> Dict:
+    """Time training steps, evaluation and a checkpoint on a copy of the model, then choose the epochs.
+
+    The copy has its own gate generator and optimizer and the batches come from the loader's seeded
+    epochs, so the run itself starts exactly as it would without a budget: ``--time-budget`` trains
+    like ``--epochs N`` with the N it chose. Under DDP each rank probes its own slice and all take the
+    smallest choice.
+    """
+    probe = copy.deepcopy(model).train()
+    probe.set_gate_generator(torch.Generator().manual_seed(cfg['seed']))
+    if cfg['compile']:
+        compile_branches(probe)  # compiled graphs are cached per shape, so the run reuses them
+    optimizer = build_optimizer(probe, cfg)
+    batches = itertools.chain.from_iterable(map(loader.epoch, itertools.count()))
+    sync = torch.cuda.synchronize if device.type == 'cuda' else None
+    budget, t0 = cfg['time_budget'], time.perf_counter()
+
+    def step() -> None:
+        x, y = next(batches)
+        train_step(probe, optimizer, x, y, cfg['label_smoothing'], use_amp)
+    step_s, steps = time_budget.time_calls(step, time_budget.WARMUP_STEPS, min_calls=5,
+                                           min_seconds=min(max(0.02 * budget, 0.5), 10.0), sync=sync)
+    logits_fn = model_logits_fn(probe, mean, std, channels_last, use_amp)
+    images = next(iter(eval_sets.values()))[0][:cfg['eval_batch_size']]
+    batch_s, _ = time_budget.time_calls(lambda: logits_fn(images), warmup=1, min_calls=1, min_seconds=0, sync=sync)
+    eval_s = batch_s / len(images) * sum(len(y) for _, y in eval_sets.values()) / world_size
+    state = dict(model=probe.state_dict(), optimizer=optimizer.state_dict())
+    save_s, _ = time_budget.time_calls(lambda: torch.save(state, io.BytesIO()), warmup=0, min_calls=1, min_seconds=0)
+    try:  # the curves plot after the last epoch needs matplotlib: its import (seconds) belongs to the set-up
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        pass
+    epoch_s = step_s * len(loader) + 2 * save_s  # checkpoint.pt and best.safetensors every epoch
+    setup_s = t0 - started
+    spent = time.perf_counter() - started
+    epochs = _min_over_ranks(time_budget.plan_epochs(budget * (1 - time_budget.SAFETY) - spent - time_budget.TAIL_S,
+                                                     epoch_s, eval_s, cfg['eval_every'], cfg['epochs']),
+                             device, world_size)
+    if epochs < 1:
+        one = time_budget.epochs_cost(1, epoch_s, eval_s, 1)
+        need = (spent + one + time_budget.TAIL_S) / (1 - time_budget.SAFETY)
+        raise ConfigError(f'--time-budget {budget:g} fits no epoch: set-up took {spent:.0f} s and one epoch takes about '
+                          f'{one:.0f} s with evaluation; give at least {math.ceil(need)} s, or fewer images (--train-subset)')
+    return dict(
+        budget_s=budget, epochs=epochs, max_epochs=cfg['epochs'], setup_s=setup_s, probe_s=spent - setup_s,
+        probe_steps=steps, step_s=step_s, images_per_s=cfg['batch_size'] / step_s, epoch_s=epoch_s, eval_s=eval_s,
+        planned_s=spent + time_budget.epochs_cost(epochs, epoch_s, eval_s, cfg['eval_every']) + time_budget.TAIL_S,
+        stopped_early=False)
+
+
+def train(config: Dict, command: Optional[str] = None, started: Optional[float] = None) -> Dict:
+    """Train as ``config`` says (keys: see DEFAULTS and RECIPES) and return the summary dict.
+
+    ``started``: the ``time.perf_counter()`` from which ``time_budget`` counts (default: now).
+    """
+    from .loader import check_model_name
+
+    started = time.perf_counter() if started is None else started
     cfg = resolve_config(config)
+    check_model_name(cfg['model'])
+    if cfg['init_weights'] and not Path(cfg['init_weights']).is_file():
+        raise ConfigError(f"--init-weights {cfg['init_weights']}: no such file")
     rank, world_size, local_rank = _distributed()
-    device = torch.device(cfg['device'] or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = resolve_device(cfg['device'])
     if device.type == 'cuda' and world_size > 1:
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
@@ -197,13 +388,14 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
     if cfg['batch_size'] % world_size:
         raise ConfigError(f"--batch-size {cfg['batch_size']} is the global batch; it must divide by {world_size} ranks")
     main = rank == 0
+    say = print if main and not cfg['quiet'] else (lambda *a: None)
     out = Path(cfg['output'])
-    weights_meta = dict(data=cfg['data'], recipe=cfg['recipe'])  # stored beside the weights
     ckpt_path = out / 'checkpoint.pt'
     if not cfg['resume'] and (ckpt_path.exists() or (out / 'final.safetensors').exists()):
         raise ConfigError(f'{out} already holds a run; pass --resume to continue it, or choose another --output')
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if cfg['resume'] and not ckpt_path.is_file():
+        raise ConfigError(f'--resume: {out} holds no checkpoint.pt to resume from (a run cut short by --max-steps '
+                          f'keeps none); leave out --resume and choose a new --output')
     use_amp = cfg['amp'] == 'bf16' and device.type == 'cuda'
     channels_last = cfg['channels_last'] and device.type == 'cuda'
 
@@ -228,17 +420,24 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
 
     # Model: identical initial weights and gate generator on every rank.
     torch.manual_seed(cfg['seed'])
-    model = create_model(cfg, info.num_classes)
+    model = create_model(cfg, info.num_classes, say)
+    say(f"stochastic depth: {model.sd_config()}, expected depth {model.expected_depth:.2f} of {model.num_blocks} blocks")
+    # Stored beside the weights: what they were trained on and what they started from.
+    weights_meta = dict(data=cfg['data'], recipe=cfg['recipe'],
+                        init_from=cfg['init_weights'] and Path(cfg['init_weights']).name or
+                        (cfg['model'] if cfg['pretrained'] else 'random initialisation'))
     gate_generator = torch.Generator().manual_seed(cfg['seed'])
     model.set_gate_generator(gate_generator)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(loader)
-    total_steps = cfg['epochs'] * steps_per_epoch
 
     start_epoch, step, best, elapsed, commands = 0, 0, None, 0.0, []
-    if cfg['resume'] and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    lock = _take_output(out) if main else None  # held until the run ends (or its process dies)
+    if cfg['resume']:
+        ckpt = _read_checkpoint(ckpt_path)
+        if ckpt['config'].get('time_budget'):  # its epochs were chosen when the run started: keep them
+            cfg.update({k: ckpt['config'][k] for k in ('time_budget', 'epochs', 'warmup_epochs')})
         keys = (set(cfg) | set(ckpt['config'])) - _RESUMABLE
         changed = sorted(k for k in keys if ckpt['config'].get(k) != cfg.get(k))
         if changed:
@@ -252,20 +451,33 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
         if device.type == 'cuda' and 'cuda' in ckpt['rng']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         commands = list(ckpt['commands'])
+    # A resumed run keeps the plan its first part made, and has no deadline of its own.
+    budget, deadline = ckpt.get('time_budget') if cfg['resume'] else None, None
+    if cfg['time_budget'] and not cfg['resume']:
+        budget = _plan_time_budget(cfg, model, loader, eval_sets, info.mean, info.std, device, use_amp,
+                                   channels_last, started, world_size)
+        # The whole schedule (warm-up included) is compressed into the epochs that fit.
+        cfg['warmup_epochs'] *= budget['epochs'] / cfg['epochs']
+        cfg['epochs'] = budget['epochs']
+        deadline = time_budget.Deadline(cfg['time_budget'], started, budget['epoch_s'], budget['eval_s'])
+        say(f"time budget {budget['budget_s']:g} s: {budget['epochs']} epochs (at most {budget['max_epochs']}), "
+            f"{budget['images_per_s']:.0f} img/s and {budget['eval_s']:.1f} s per evaluation in the probe, "
+            f"about {budget['planned_s']:.0f} s in all")
+    total_steps = cfg['epochs'] * steps_per_epoch
     # Only the epochs in the checkpoint: a crash may have logged one more.
     history = [row for row in read_metrics(out) if row['epoch'] <= start_epoch] if start_epoch else []
     if main:
         commands.append(command or f'train({cfg!r})')
-        _write_json(out / 'run.json', dict(commands=commands, config=cfg, world_size=world_size,
-                                           device=str(device), torch=torch.__version__))
-        _atomic_save(out / 'metrics.jsonl', lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)))
+        _write_json(out / 'run.json', dict(commands=commands, config=cfg, model_args=model.sd_config(),
+                                           init_from=weights_meta['init_from'], world_size=world_size,
+                                           device=str(device), torch=torch.__version__, time_budget=budget))
+        atomic_write(out / 'metrics.jsonl', lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)))
     if cfg['compile']:
         compile_branches(model)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
         if world_size > 1 else model
 
     show_progress = main and not cfg['quiet'] and sys.stderr.isatty()
-    say = print if main and not cfg['quiet'] else (lambda *a: None)
     say(f"sd-zoo train: {cfg['model']} on {info.title}, recipe {cfg['recipe']}, {len(train_idx)} training "
         f"images, {steps_per_epoch} steps/epoch, {world_size} process(es) on {device}"
         + (f', resuming after epoch {start_epoch}' if start_epoch else ''))
@@ -282,15 +494,10 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
             lr = lr_at(step, total_steps, steps_per_epoch, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = ddp_model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg['label_smoothing'])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = train_step(ddp_model, optimizer, x, y, cfg['label_smoothing'], use_amp)
             # Accumulated on the device: no host sync inside the loop.
-            loss_sum += loss.detach() * len(y)
-            wrong += (logits.detach().argmax(1) != y).sum()
+            loss_sum += loss * len(y)
+            wrong += (logits.argmax(1) != y).sum()
             seen += len(y)
             step += 1
             steps += 1
@@ -311,6 +518,11 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
                 if buf.is_floating_point():
                     dist.all_reduce(buf)
                     buf /= world_size
+        if deadline and not (stop or epoch + 1 == cfg['epochs']) and \
+                not _min_over_ranks(int(deadline.fits_another(t0)), device, world_size):
+            stop = budget['stopped_early'] = True
+            say(f"time budget: stopping after epoch {epoch + 1} of {cfg['epochs']}; the next would end after "
+                f"{cfg['time_budget']:g} s")
         last = stop or epoch + 1 == cfg['epochs']
         errs = {}
         if (epoch + 1) % cfg['eval_every'] == 0 or last:
@@ -336,10 +548,10 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
             if steps == steps_per_epoch:  # a cut-short epoch (--max-steps) cannot be resumed from
                 state = dict(
                     model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
-                    best=best, elapsed=elapsed, config=cfg, commands=commands,
+                    best=best, elapsed=elapsed, config=cfg, commands=commands, time_budget=budget,
                     rng=dict(torch=torch.get_rng_state(), gate=gate_generator.get_state(),
                              **(dict(cuda=torch.cuda.get_rng_state_all()) if device.type == 'cuda' else {})))
-                _atomic_save(ckpt_path, partial(torch.save, state))
+                atomic_write(ckpt_path, partial(torch.save, state))
             say(f"epoch {epoch + 1}/{cfg['epochs']}  loss {row['train_loss']:.4f}  train {_pct(row['train_err'])}  "
                 f"val {_pct(row['val_err'])}  test {_pct(row['test_err'])}  lr {lr:.4g}  "
                 f"{row['images_per_s']:.0f} img/s  blocks {row['blocks_executed_measured']:.2f}"
@@ -353,11 +565,15 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
         best_val_epoch=best and best['epoch'], best_val_err=best and best['val_err'],
         test_err_at_best_val=best and best['test_err'], final_epoch=final.get('epoch'),
         final_val_err=final.get('val_err'), final_test_err=final.get('test_err'), steps=step,
-        total_time_s=elapsed, expected_depth=model.expected_depth, sd_config=model.sd_config(), config=cfg)
+        total_time_s=elapsed, expected_depth=model.expected_depth, model_args=model.sd_config(), config=cfg,
+        time_budget=budget and dict(budget, epochs_run=final.get('epoch'), wall_s=time.perf_counter() - started))
     if main:
         save_weights(model, out / 'final.safetensors', cfg['model'], **weights_meta)
         _write_json(out / 'summary.json', summary)
-        plot_runs([out], out / 'curves.png')
+        try:
+            plot_runs([out], out / 'curves.png')
+        except ImportError as e:  # matplotlib is needed for the plot only, not for training
+            say(f'NOTE: curves.png not drawn ({e})')
         if summary['test_err_at_best_val'] is not None:
             say(f"test error at best validation epoch {best['epoch']}: {best['test_err']:.2f}% "
                 f"(final {summary['final_test_err']:.2f}%) on {info.title}")
@@ -369,12 +585,16 @@ def train(config: Dict, command: Optional[str] = None) -> Dict:
             params={k: _digest(v) for k, v in model.state_dict().items()}))
     if world_size > 1:
         dist.destroy_process_group()
+    if lock is not None:
+        lock.close()
+        _HELD.pop(str(out.resolve()), None)
     return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    config = {k: v for k, v in vars(args).items() if k not in ('func', 'command')}
-    train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]))
+    config = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug')}
+    # The budget counts from the process start: Python's start-up and imports are part of it.
+    train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]), started=time.perf_counter() - time_budget.process_age())
     return 0
 
 
@@ -387,6 +607,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--recipe', default=DEFAULTS['recipe'], choices=list(RECIPES))
     p.add_argument('--output', required=True, metavar='DIR')
     p.add_argument('--resume', action='store_true', help='continue the run in DIR from its last checkpoint')
+    add_model_arguments(p)
     g = p.add_argument_group('recipe settings (default: the recipe\'s value)')
     g.add_argument('--epochs', type=int)
     g.add_argument('--batch-size', type=int, help='global batch size (all ranks together)')
@@ -404,11 +625,10 @@ def add_parser(subparsers) -> None:
     g.add_argument('--amp', choices=('none', 'bf16'), help='bf16 autocast (CUDA only)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last layout (CUDA only)')
     g = p.add_argument_group('model and run settings')
-    g.add_argument('--drop-path-rate', type=float, default=DEFAULTS['drop_path_rate'],
-                   help='1 - p_L: 0.5 as in the paper, 0 for constant depth (default: %(default)s)')
-    g.add_argument('--sd-schedule', choices=('linear', 'uniform'), help='survival schedule (model default: linear)')
-    g.add_argument('--sd-gate', choices=('batch', 'sample'), help='gate granularity (model default: batch)')
-    g.add_argument('--sd-rule', choices=('paper', 'inverted'), help='scaling rule (model default: paper)')
+    g.add_argument('--pretrained', action='store_true',
+                   help='start from the published weights of --model NAME.TAG (fine-tuning; a new head if the '
+                        'class count differs)')
+    g.add_argument('--init-weights', metavar='FILE', help='start from a safetensors file written by sd-zoo')
     g.add_argument('--seed', type=int, default=DEFAULTS['seed'])
     g.add_argument('--val-size', type=int, default=DEFAULTS['val_size'],
                    help='validation images held out of the training set (default: %(default)s; 0 for none)')
@@ -418,6 +638,10 @@ def add_parser(subparsers) -> None:
     g.add_argument('--eval-every', type=int, default=DEFAULTS['eval_every'], metavar='N',
                    help='validate and test every N epochs (and after the last)')
     g.add_argument('--eval-batch-size', type=int, default=DEFAULTS['eval_batch_size'])
+    g.add_argument('--time-budget', type=float, metavar='SECONDS',
+                   help='train as many epochs as fit in SECONDS of wall-clock time, set-up, evaluation and checkpoints '
+                        'included (a short probe measures the speed; --epochs caps them); the lr schedule spans '
+                        'exactly those epochs')
     g.add_argument('--compile', action='store_true', help='torch.compile each residual branch')
     g.add_argument('--num-threads', type=int, help='torch CPU threads (fix it for bit-exact resumes)')
     g.add_argument('--device', help='cuda or cpu (default: cuda if available)')

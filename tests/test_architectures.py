@@ -5,7 +5,7 @@ from torch import nn
 
 import timm
 import sd_zoo  # noqa: F401
-from sd_zoo.errors import InputShapeError, WeightsError
+from sd_zoo.errors import ConfigError, InputShapeError, WeightsError
 from sd_zoo.sd_cifar_resnet import CifarBasicBlock, ZeroPadShortcut
 from sd_zoo.sd_imagenet_resnet import load_imagenet_resnet_weights
 
@@ -120,7 +120,7 @@ def test_wrong_input_gives_clear_error():
 def test_unknown_model_and_unpublished_tag_fail_fast():
     with pytest.raises(RuntimeError, match='sd_resnet999'):
         timm.create_model('sd_resnet999')
-    with pytest.raises(RuntimeError, match='foo'):
+    with pytest.raises(ConfigError, match='unknown pretrained tag sd_resnet110.foo; known tags: sd_resnet110.c10j75'):
         timm.create_model('sd_resnet110.foo')
     with pytest.raises(WeightsError, match=r'no published weights for sd_resnet110\.c100j75.*sd-zoo train'):
         timm.create_model('sd_resnet110.c100j75', pretrained=True)
@@ -170,3 +170,36 @@ def test_imagenet_blocks_are_gated():
     assert model.num_blocks == 50
     assert model.survival_probs[-1] == pytest.approx(0.5)
     assert model.survival_probs[0] == pytest.approx(1 - 0.5 / 50)
+
+
+def test_paper_code_switches_bn_init_and_shortcut_pool():
+    torch.manual_seed(0)
+    uniform = timm.create_model('sd_resnet20', bn_init='uniform')
+    scales = torch.cat([m.weight for m in uniform.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert 0 <= scales.min() and scales.max() <= 1 and scales.std() > 0.2  # U[0, 1] as cudnn.torch, not all 1
+    default = timm.create_model('sd_resnet20')
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in default.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(2, 16, 32, 32)
+    for pool in (1, 2):
+        model = timm.create_model('sd_resnet20', sd_shortcut_pool=pool)
+        shortcut = model.layer2[0].shortcut
+        expected = x[:, :, ::2, ::2] if pool == 1 else torch.nn.functional.avg_pool2d(x, 2)
+        torch.testing.assert_close(shortcut(x)[:, :16], expected)
+        assert torch.count_nonzero(shortcut(x)[:, 16:]) == 0  # zero channel padding
+        torch.testing.assert_close(shortcut.as_conv()(x), shortcut(x), rtol=0, atol=1e-6)  # exact, as a conv
+        assert model.sd_config()['sd_shortcut_pool'] == pool
+    with pytest.raises(ConfigError, match='sd_shortcut_pool must be 1'):
+        timm.create_model('sd_resnet20', sd_shortcut_pool=3)
+    with pytest.raises(ConfigError, match='unknown bn_init'):
+        timm.create_model('sd_resnet20', bn_init='zeros')
+
+
+def test_blocks_name_the_norm_that_ends_their_branch():
+    cifar = timm.create_model('sd_resnet20')
+    imagenet = timm.create_model('sd_resnet50')
+    assert all(b.branch_norm() is b.bn2 for b in cifar.layer1)
+    assert all(b.branch_norm() is b.bn3 for b in imagenet.layer1)
+    block = imagenet.layer1[0]
+    block.zero_init_last()
+    assert torch.count_nonzero(block.bn3.weight) == 0

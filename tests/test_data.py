@@ -1,4 +1,5 @@
 """Data loading: file formats, the decode cache, label order, splits, subsets and batched augmentation."""
+import dataclasses
 import io
 import os
 import pickle
@@ -32,9 +33,16 @@ def _write_archive(path: Path, classes, per_class: int = 2, shift: int = 0) -> N
                     tar.addfile(member, io.BytesIO(payload))
 
 
+def _unpublished(monkeypatch, *names):
+    """Miniature archives stand in for the published ones: no recorded digest to compare them with."""
+    for name in names:
+        monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(data.DATASETS[name], sha256=None))
+
+
 @pytest.fixture
 def fake_jpeg_root(tmp_path, monkeypatch):
     monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+    _unpublished(monkeypatch, 'cifar10-jpeg75')
     root = tmp_path / 'data'
     root.mkdir()
     # Given in shuffled order: labels must come from the sorted folder names, not the archive order.
@@ -99,8 +107,37 @@ def test_corrupt_archive_gives_clear_error(fake_jpeg_root):
         data.load_split('cifar10-jpeg75', 'train', root=fake_jpeg_root)
 
 
+def test_unpublished_archive_with_a_flipped_bit_is_refused_by_gzips_crc(fake_jpeg_root):
+    archive = fake_jpeg_root / 'cifar10-jpeg75.tar.gz'
+    blob = bytearray(archive.read_bytes())
+    blob[len(blob) // 2] ^= 0x10  # inside the compressed stream, far from the gzip trailer
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(DataNotFoundError, match='corrupt'):
+        data.load_split('cifar10-jpeg75', 'train', root=fake_jpeg_root)
+    assert not list(data.cache_dir().glob('*.npz'))
+
+
+def test_published_archive_with_a_flipped_bit_is_refused_before_decoding(tmp_path, monkeypatch):
+    real = _real_file('cifar10-jpeg75.tar.gz')
+    monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+    blob = bytearray(real.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one bit in the middle of the archive
+    (tmp_path / real.name).write_bytes(bytes(blob))
+    with pytest.raises(DataNotFoundError, match=f'corrupt: its sha256 is [0-9a-f]{{64}}, the published file has '
+                                                f'{data.DATASETS["cifar10-jpeg75"].sha256}'):
+        data.load_split('cifar10-jpeg75', 'test', root=tmp_path)
+    assert not (tmp_path / 'cache').exists()  # nothing decoded, nothing cached
+
+
+def test_every_published_data_file_matches_its_recorded_digest():
+    for name, info in data.DATASETS.items():
+        if info.sha256 is not None:
+            assert data.sha256_file(_real_file(info.source)) == info.sha256, name
+
+
 def test_wrong_class_count_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
+    _unpublished(monkeypatch, 'cifar100-jpeg75')
     _write_archive(tmp_path / 'cifar100-jpeg75.tar.gz', ['a', 'b'])
     with pytest.raises(DataNotFoundError, match='expected 100 class folders'):
         data.load_split('cifar100-jpeg75', 'train', root=tmp_path)

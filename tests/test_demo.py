@@ -45,6 +45,8 @@ def test_demo_falls_back_to_an_untrained_model_and_random_inputs(no_weights_anyw
 def test_demo_classifies_image_files_with_the_checkouts_hub_folder(hub_folder, monkeypatch, tmp_path, capsys):
     from PIL import Image
     monkeypatch.setattr(pretrained, 'SHIPPED_DIR', hub_folder.parent)
+    # A test build, not the published weights: the packaged manifest records other bytes for this name.
+    monkeypatch.setattr(pretrained, 'MANIFEST_PATH', tmp_path / 'published.json')
     paths = []
     for i, color in enumerate([(250, 10, 10), (10, 10, 250)]):
         path = tmp_path / f'img{i}.png'
@@ -65,6 +67,7 @@ def test_demo_classifies_image_files_with_the_checkouts_hub_folder(hub_folder, m
 def test_demo_on_cifar_reports_the_accuracy_of_the_card(hub_folder, capsys):
     from sd_zoo.model_card import card_metrics, read_card
     result = run_demo('--weights', str(hub_folder), '--limit', '100')
+    assert result['model'] == hub_folder.name  # named after the folder given, not after the default model
     assert result['n'] == 100 and 'CIFAR-10 (JPEG-75 copy) test images' in result['inputs']
     assert result['onnxruntime_top1_err'] == pytest.approx(result['pytorch_top1_err'], abs=1.0)
     # the card was measured on the same class-balanced 100 test images

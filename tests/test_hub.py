@@ -4,15 +4,12 @@ adapt on load, fail fast and clearly, check, push to a local stub of the Hub API
 Nothing here reaches a network: every test runs with a temporary Hugging Face cache and an endpoint on
 127.0.0.1. Weights are a freshly initialised sd_resnet20 written into a temporary run folder.
 """
-import base64
 import hashlib
 import json
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,10 @@ from sd_zoo import checkpoint, cli, data, hub, pretrained
 from sd_zoo.errors import ConfigError, WeightsError
 from sd_zoo.model_card import PAPER_RESULTS, card_metrics, read_card
 
+from hub_stub import HubStub
+
 NAME = 'sd_resnet20.c10j75'
+REAL_MANIFEST = pretrained.MANIFEST_PATH
 HAVE_DATA = (data.data_root() / 'cifar10-jpeg75.tar.gz').exists()
 LIMIT = 100  # class-balanced test images the builds evaluate on (when the data is present)
 
@@ -48,7 +48,7 @@ def make_run(folder: Path, drop_path_rate: float = 0.5, seed: int = 0) -> Path:
                   output=str(folder.resolve()))
     summary = dict(model='sd_resnet20', data='cifar10-jpeg75', recipe='paper', best_val_epoch=2, best_val_err=90.0,
                    test_err_at_best_val=90.0, final_epoch=2, final_test_err=90.0, total_time_s=30.0,
-                   sd_config=model.sd_config(), config=config)
+                   model_args=model.sd_config(), config=config)
     (folder / 'summary.json').write_text(json.dumps(summary))
     (folder / 'run.json').write_text(json.dumps(dict(
         commands=[f'sd-zoo train --model sd_resnet20 --data cifar10-jpeg75 --drop-path-rate {drop_path_rate} '
@@ -58,11 +58,12 @@ def make_run(folder: Path, drop_path_rate: float = 0.5, seed: int = 0) -> Path:
 
 
 def build(run: Path, out: Path, **kwargs) -> Path:
+    kwargs.setdefault('pruning_rows', 0)  # measured in its own test: it times ONNX Runtime
     return hub.build(run, out=out, evaluate=HAVE_DATA, limit=LIMIT if HAVE_DATA else None, **kwargs)
 
 
 def source_model(run: Path):
-    return checkpoint.load_weights(run / 'best.safetensors')
+    return sd_zoo.load_model(run / 'best.safetensors')
 
 
 @pytest.fixture(scope='module')
@@ -96,6 +97,8 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(hf_constants, 'ENDPOINT', _closed_port_url())
+    # Test builds use published names; the packaged manifest records the published bytes, not theirs.
+    monkeypatch.setattr(pretrained, 'MANIFEST_PATH', tmp_path / 'published.json')
     return cache
 
 
@@ -151,16 +154,27 @@ def test_constant_depth_weights_get_the_cd_tag_and_load_as_constant_depth(tmp_pa
     model = timm.create_model('sd_resnet20.c10j75_cd', pretrained=True)
     assert model.sd_config()['drop_path_rate'] == 0.0
     torch.testing.assert_close(logits(model), logits(source_model(run)), rtol=0, atol=0)
-    with pytest.raises(ConfigError, match='are tag c10j75_cd, not c10j75'):
+    with pytest.raises(ConfigError, match=r"trained with \{'drop_path_rate': 0.0.*builds \{'drop_path_rate': 0.5"):
         hub.build(run, out=tmp_path / 'out2', tag='c10j75', evaluate=False)
 
 
-def test_every_constant_depth_tag_builds_constant_depth():
-    cd_tags = [n for n in timm.list_pretrained('sd_*') if n.endswith(pretrained.CONSTANT_DEPTH_SUFFIX)]
-    assert 'sd_resnet20.c10j75_cd' in cd_tags
-    for name in cd_tags:
-        assert pretrained.TAG_MODEL_ARGS[name]['drop_path_rate'] == 0.0
-        assert timm.create_model(name).sd_config()['drop_path_rate'] == 0.0
+def test_the_tag_table_is_the_one_source_of_tag_meanings():
+    for name in timm.list_pretrained('sd_*'):
+        arch, tag = name.split('.')
+        info = pretrained.TAGS[tag]
+        model = timm.create_model(name)
+        assert {k: model.sd_config()[k] for k in info.model_args} == info.model_args
+        cfg = model.pretrained_cfg
+        assert (cfg['num_classes'], tuple(cfg['mean']), tuple(cfg['std'])) == (info.num_classes, info.mean, info.std)
+        if info.data in data.DATASETS:  # the statistics of the data the weights are trained on, written once
+            assert tuple(cfg['mean']) == data.DATASETS[info.data].mean
+    constant = [n for n in timm.list_pretrained('sd_*') if timm.create_model(n).expected_depth ==
+                timm.create_model(n).num_blocks]
+    assert 'sd_resnet20.c10j75_cd' in constant and all(n.endswith('_cd') for n in constant)
+    assert pretrained.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.0)) == 'c10j75_cd'
+    assert pretrained.tag_for('cifar100-jpeg75', dict(drop_path_rate=0.5)) == 'c100j75'
+    with pytest.raises(ConfigError, match='no pretrained tag means weights trained on cifar10-jpeg75'):
+        pretrained.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.3))
 
 
 def test_build_records_the_weights_in_a_manifest(built, tmp_path):
@@ -168,8 +182,34 @@ def test_build_records_the_weights_in_a_manifest(built, tmp_path):
     folder = hub.build(built[0], out=tmp_path / 'out', evaluate=False, manifest=manifest)
     entry = json.loads(manifest.read_text())[NAME]
     assert entry['sha256'] == hub.sha256_file(folder / 'model.safetensors')
-    assert entry['model_args'] == dict(drop_path_rate=0.5, sd_schedule='linear', sd_gate='batch', sd_rule='paper')
+    assert entry['model_args'] == dict(drop_path_rate=0.5, sd_schedule='linear', sd_gate='batch', sd_rule='paper',
+                                       sd_shortcut_pool=1)
+    assert entry['top1_err'] == pytest.approx(90.0)  # the run's own number: built without evaluation
     assert pretrained.load_manifest(manifest) == json.loads(manifest.read_text())
+    with pytest.raises(ConfigError, match='already exists; pass --force'):
+        hub.build(built[0], out=tmp_path / 'out', evaluate=False, manifest=manifest)
+    assert hub.build(built[0], out=tmp_path / 'out', evaluate=False, manifest=manifest, force=True) == folder
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason='needs the CIFAR-10 (JPEG-75 copy) test set')
+def test_the_card_shows_a_pruning_table_measured_at_build_time(built, tmp_path):
+    folder = build(built[0], tmp_path / 'out', pruning_rows=3)
+    text = (folder / 'README.md').read_text()
+    assert '## Pick your speed: depth pruning' in text
+    rows = [line for line in text.splitlines() if line.startswith('| ') and ' of 9 |' in line]
+    assert [r.split(' of 9 |')[0].strip('| ') for r in rows] == ['9', '6', '3']
+    # all blocks kept is the card's own error, measured on the same images
+    assert rows[0].split('|')[2].strip() == f"{card_metrics(read_card(folder / 'README.md'))['top1_error']:.2f} %"
+    assert hub.check(folder, evaluate=False) == []
+
+
+def test_build_refuses_a_run_without_a_finished_epoch(tmp_path):
+    run = make_run(tmp_path / 'run')
+    summary = json.loads((run / 'summary.json').read_text())
+    (run / 'summary.json').write_text(json.dumps(dict(summary, final_epoch=None)))
+    with pytest.raises(ConfigError, match='finished no epoch'):
+        hub.build(run, out=tmp_path / 'out', evaluate=False)
+    assert not (tmp_path / 'out').exists()
 
 
 # --- loading through the Hugging Face cache ------------------------------------------------------------
@@ -186,19 +226,24 @@ def test_round_trip_through_the_cache_gives_the_same_logits(built, hf_cache, nam
     assert hub.seed_cache([folder]) == [snapshot]  # reseeding is idempotent
 
 
-def test_non_default_settings_travel_in_config_json_and_the_manifest(tmp_path, hf_cache, monkeypatch):
+def test_weights_whose_settings_no_tag_means_are_refused_and_need_their_own_tag(tmp_path):
     run = make_run(tmp_path / 'run', drop_path_rate=0.3, seed=3)
-    manifest = tmp_path / 'published.json'
-    folder = build(run, tmp_path / 'out', manifest=manifest)
+    with pytest.raises(ConfigError, match='no pretrained tag means'):
+        hub.build(run, out=tmp_path / 'out', evaluate=False)
+    with pytest.raises(ConfigError, match='give them a tag that means their settings'):
+        hub.build(run, out=tmp_path / 'out', tag='c10j75', evaluate=False)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_config_json_model_args_rebuild_the_network_through_hf_hub(tmp_path, hf_cache):
+    run = make_run(tmp_path / 'run', drop_path_rate=0.0, seed=3)
+    folder = build(run, tmp_path / 'out')
+    stored = json.loads((folder / 'config.json').read_text())['model_args']
+    assert {k: stored[k] for k in source_model(run).sd_config()} == source_model(run).sd_config()
     hub.seed_cache([folder])
-    reference = logits(source_model(run))
-    # hf-hub: the repo's config.json rebuilds p_L = 0.7, which the paper rule scales branches with.
-    model = timm.create_model(f'hf-hub:sd-zoo/{NAME}', pretrained=True)
-    assert model.sd_config()['drop_path_rate'] == 0.3
-    torch.testing.assert_close(logits(model), reference, rtol=0, atol=0)
-    # the registry name: the packaged manifest's model_args (here a temporary one) carry the same settings
-    monkeypatch.setitem(pretrained.TAG_MODEL_ARGS, NAME, pretrained.load_manifest(manifest)[NAME]['model_args'])
-    torch.testing.assert_close(logits(timm.create_model(NAME, pretrained=True)), reference, rtol=0, atol=0)
+    model = timm.create_model('hf-hub:sd-zoo/sd_resnet20.c10j75_cd', pretrained=True)
+    assert model.sd_config()['drop_path_rate'] == 0.0
+    torch.testing.assert_close(logits(model), logits(source_model(run)), rtol=0, atol=0)
 
 
 def test_num_classes_change_reinitialises_the_head_only(built, hf_cache):
@@ -227,7 +272,7 @@ def test_corrupt_safetensors_fails_with_advice(folder, hf_cache):
     assert any('not a readable safetensors file' in p for p in hub.check(folder, evaluate=False))
     with pytest.raises(WeightsError, match='not a readable safetensors file'):
         hub.seed_cache([folder])
-    with pytest.raises(WeightsError, match='not a readable safetensors file.*seed-cache'):
+    with pytest.raises(WeightsError, match='not a readable safetensors file.*re-download'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
 
 
@@ -235,8 +280,28 @@ def test_corrupt_cached_weights_fail_with_advice(built, hf_cache):
     (snapshot,) = hub.seed_cache([built[1]])
     blob = (snapshot / 'model.safetensors').resolve()
     blob.write_bytes(blob.read_bytes()[:1000])  # a download cut short
-    with pytest.raises(WeightsError, match='cached weights of .* not a readable safetensors file'):
+    with pytest.raises(WeightsError, match='cached weights of .* fail their check.*not a readable safetensors file'):
         timm.create_model(NAME, pretrained=True)
+
+
+def test_flipped_bits_in_cached_weights_are_caught_by_the_blob_digest(built, hf_cache):
+    (snapshot,) = hub.seed_cache([built[1]])
+    blob = (snapshot / 'model.safetensors').resolve()
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) - 5000] ^= 0x04  # a flipped bit in the tensor data; the header still parses
+    blob.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match=f'its sha256 is [0-9a-f]{{64}}, but {blob.name} was recorded'):
+        timm.create_model(NAME, pretrained=True)
+
+
+def test_seed_cache_refuses_a_folder_that_fails_check(folder, hf_cache):
+    raw = bytearray((folder / 'model.safetensors').read_bytes())
+    raw[-5000] ^= 0x04
+    (folder / 'model.safetensors').write_bytes(bytes(raw))
+    assert any('is corrupt: its tensors digest to' in p for p in hub.check(folder, evaluate=False))
+    with pytest.raises(WeightsError, match='fails `sd-zoo hub check`, so it is not cached.*is corrupt'):
+        hub.seed_cache([folder])
+    assert not hf_cache.exists() or not any(hf_cache.iterdir())
 
 
 def test_unknown_architecture_in_config_json(folder):
@@ -254,7 +319,7 @@ def test_missing_files_are_named(folder, hf_cache):
     (folder / 'model.safetensors').unlink()
     problems = hub.check(folder, evaluate=False)
     assert 'missing file model.safetensors' in problems and 'missing file README.md' in problems
-    with pytest.raises(WeightsError, match='missing model.safetensors, README.md'):
+    with pytest.raises(WeightsError, match='missing file model.safetensors; missing file README.md'):
         hub.seed_cache([folder])
     with pytest.raises(WeightsError, match='has no model.safetensors'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
@@ -264,7 +329,7 @@ def test_pickle_weights_are_refused(folder, tmp_path, hf_cache):
     state = checkpoint.load_state_dict(folder / 'model.safetensors')
     pth = tmp_path / 'weights.pth'
     torch.save(state, pth)
-    with pytest.raises(WeightsError, match='pickle-based.*allow_pickle=True'):
+    with pytest.raises(WeightsError, match='pickle-based.*safetensors only'):
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(pth)))
     # the same weights as a safetensors file load
     overlay = dict(file=str(folder / 'model.safetensors'))
@@ -292,7 +357,7 @@ def _assert_fast_clear_failure(fn, limit_s: float = 5.0):
 @pytest.mark.parametrize('name', [NAME, f'hf-hub:sd-zoo/{NAME}'])
 def test_nothing_cached_and_no_hub_fails_in_seconds(hf_cache, monkeypatch, name):
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)  # online, but the endpoint refuses connections
-    monkeypatch.setattr(pretrained, 'PUBLISHED', {NAME})
+    pretrained.write_manifest_entry(NAME, dict(sha256='0' * 64))  # published, not cached
     message = _assert_fast_clear_failure(lambda: pretrained.create_pretrained(name))
     assert 'cannot reach the Hugging Face Hub' in message
 
@@ -304,18 +369,17 @@ def test_an_unresponsive_hub_costs_one_timeout_not_a_minute_of_retries(hf_cache,
         monkeypatch.setattr(hf_constants, 'ENDPOINT', f'http://127.0.0.1:{silent.getsockname()[1]}')
         monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
         monkeypatch.setattr(hf_constants, 'HF_HUB_ETAG_TIMEOUT', 1)
-        monkeypatch.setattr(pretrained, 'PUBLISHED', {NAME})
+        pretrained.write_manifest_entry(NAME, dict(sha256='0' * 64))  # published, not cached
         _assert_fast_clear_failure(lambda: timm.create_model(NAME, pretrained=True), limit_s=4.0)
 
 
 def test_offline_with_nothing_cached_fails_at_once(hf_cache, monkeypatch):
-    monkeypatch.setattr(pretrained, 'PUBLISHED', {NAME})
+    pretrained.write_manifest_entry(NAME, dict(sha256='0' * 64))  # published, not cached
     message = _assert_fast_clear_failure(lambda: timm.create_model(NAME, pretrained=True), limit_s=1.0)
     assert message.startswith(f'{NAME}: HF_HUB_OFFLINE is set')
 
 
 def test_unpublished_weights_say_how_to_get_some(hf_cache, monkeypatch):
-    monkeypatch.setattr(pretrained, 'PUBLISHED', set())
     with pytest.raises(WeightsError, match='no published weights for sd_resnet32.c10j75.*seed-cache'):
         timm.create_model('sd_resnet32.c10j75', pretrained=True)
 
@@ -331,12 +395,13 @@ def test_check_passes_a_fresh_folder(built, capsys):
 
 
 @pytest.mark.parametrize('shipped', hub.shipped_folders(), ids=lambda p: p.name)
-def test_shipped_folders_pass_check_and_load_offline(shipped, hf_cache):
+def test_shipped_folders_pass_check_and_load_offline(shipped, hf_cache, monkeypatch):
     """Every folder in the checkout's hub_configs/ (none until the first weights land) is fit to push."""
+    monkeypatch.setattr(pretrained, 'MANIFEST_PATH', REAL_MANIFEST)  # the published bytes, checked on every load
     assert hub.check(shipped, evaluate=HAVE_DATA, limit=500) == []
     hub.seed_cache([shipped])
     name = shipped.name
-    reference = logits(checkpoint.load_weights(shipped / 'model.safetensors'))
+    reference = logits(sd_zoo.load_model(shipped / 'model.safetensors'))
     for source in (name, f'hf-hub:sd-zoo/{name}'):
         torch.testing.assert_close(logits(timm.create_model(source, pretrained=True)), reference, rtol=0, atol=0)
 
@@ -387,122 +452,6 @@ def test_check_catches_config_that_disagrees_with_the_registry(folder):
 
 
 # --- push ----------------------------------------------------------------------------------------------
-
-class HubStub:
-    """A local stand-in for the few Hub endpoints huggingface_hub 2.4 calls to create a repo and commit files.
-
-    It speaks the real protocol and keeps a repository: ``create`` (repo), ``validate-yaml`` (parses the
-    README front matter and rejects a card without library_name or model-index), ``preupload`` (LFS for
-    binary files, as the Hub's .gitattributes does, regular for text), the LFS batch API with the basic
-    transfer (PUT of the bytes, checked against their sha256 oid, then verify), and ``commit`` (ndjson:
-    base64 content for regular files, oid references for LFS files, which must have been uploaded).
-    Anything else is a 404. Every request is recorded.
-    """
-
-    def __init__(self, token: str):
-        self.token, self.requests, self.lfs, self.repos = token, [], {}, {}
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = 30  # a stuck client cannot hold the server thread forever
-
-            def _body(self) -> bytes:
-                if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
-                    body = b''
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        if not size:
-                            self.rfile.readline()
-                            return body
-                        body += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get('Content-Length') or 0))
-
-            def _reply(self, code: int, obj=None):
-                data = json.dumps(obj if obj is not None else {}).encode()
-                self.send_response(code)
-                self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self):
-                body = self._body()
-                stub.requests.append(dict(method=self.command, path=self.path, body=body,
-                                          headers={k.lower(): v for k, v in self.headers.items()}))
-                code, obj = stub.route(self.command, self.path.split('?')[0], body, self.headers)
-                self._reply(code, obj)
-
-            do_GET = do_POST = do_PUT = do_HEAD = _handle
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def route(self, method, path, body, headers):
-        if headers.get('Authorization') != f'Bearer {self.token}' and not path.startswith('/lfs-upload/'):
-            return 401, dict(error='Invalid credentials')
-        if (method, path) == ('POST', '/api/repos/create'):
-            req = json.loads(body)
-            repo_id = f'{req["organization"]}/{req["name"]}'
-            self.repos.setdefault(repo_id, dict(private=req.get('visibility') == 'private', files={}))
-            return 200, dict(url=f'{self.url}/{repo_id}')
-        if (method, path) == ('POST', '/api/validate-yaml'):
-            import yaml
-            front = yaml.safe_load(json.loads(body)['content'].split('---')[1])
-            errors = [dict(message=f'missing {k}') for k in ('library_name', 'model-index') if k not in front]
-            return (400, dict(errors=errors)) if errors else (200, dict(warnings=[]))
-        if method == 'POST' and '/preupload/' in path:
-            files = json.loads(body)['files']
-            binary = ('.safetensors', '.png')
-            return 200, dict(files=[dict(path=f['path'], shouldIgnore=False,
-                                         uploadMode='lfs' if f['path'].endswith(binary) else 'regular')
-                                    for f in files])
-        if method == 'POST' and path.endswith('.git/info/lfs/objects/batch'):
-            req = json.loads(body)
-            assert req['operation'] == 'upload' and 'basic' in req['transfers']
-            return 200, dict(transfer='basic', objects=[dict(
-                oid=o['oid'], size=o['size'], authenticated=True,
-                actions=dict(upload=dict(href=f'{self.url}/lfs-upload/{o["oid"]}'),
-                             verify=dict(href=f'{self.url}/lfs-verify'))) for o in req['objects']])
-        if method == 'PUT' and path.startswith('/lfs-upload/'):
-            oid = path.rsplit('/', 1)[1]
-            if hashlib.sha256(body).hexdigest() != oid:
-                return 400, dict(error='content does not match its sha256 oid')
-            self.lfs[oid] = body
-            return 200, {}
-        if (method, path) == ('POST', '/lfs-verify'):
-            req = json.loads(body)
-            ok = req['oid'] in self.lfs and len(self.lfs[req['oid']]) == req['size']
-            return (200, {}) if ok else (404, dict(error='object not uploaded'))
-        if method == 'POST' and '/commit/' in path:
-            repo_id = path.split('/api/models/')[1].split('/commit/')[0]
-            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-            assert lines[0]['key'] == 'header'
-            files = {}
-            for line in lines[1:]:
-                value = line['value']
-                if line['key'] == 'file':
-                    files[value['path']] = base64.b64decode(value['content'])
-                elif line['key'] == 'lfsFile':
-                    if value['oid'] not in self.lfs:
-                        return 422, dict(error=f'LFS object {value["oid"]} was never uploaded')
-                    files[value['path']] = self.lfs[value['oid']]
-            self.repos[repo_id]['files'].update(files)
-            self.repos[repo_id]['message'] = lines[0]['value']['summary']
-            return 200, dict(commitUrl=f'{self.url}/{repo_id}/commit/{"c" * 40}', commitOid='c' * 40)
-        return 404, dict(error=f'the stub does not serve {method} {path}')
-
 
 def test_push_dry_run_lists_the_files_without_network(built, capsys):
     assert cli.main(['hub', 'push', str(built[1]), '--repo-id', f'sd-zoo/{NAME}', '--dry-run']) == 0

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import onnx
+from sd_zoo.files import new_file_mode
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -104,7 +105,8 @@ def test_transition_shortcuts_as_convs_are_exact():
 
 def test_unfoldable_block_keeps_its_multiplication():
     model = sd_model().eval()
-    model.layer1[0].se = torch.nn.Identity()  # something after the last norm: p no longer commutes
+    # Something after the last norm (here a tanh): p_l no longer passes through to the norm's affine.
+    model.layer1[0].bn2 = torch.nn.Sequential(model.layer1[0].bn2, torch.nn.Tanh())
     x = torch.randn(4, 3, 32, 32)
     ref = torch_logits(model, x)
     with pytest.warns(UserWarning, match='keep a Mul'):
@@ -167,12 +169,13 @@ def test_metadata_and_single_file(exported):
     proto = onnx.load(path, load_external_data=False)
     assert all(t.data_location == TensorProto.DEFAULT for t in proto.graph.initializer)
     assert not [p.name for p in exported['tmp'].iterdir() if p.is_file() and p.suffix != '.onnx']  # no .data
+    assert path.stat().st_mode & 0o777 == new_file_mode()  # shared like any new file, not owner-only
     clf = OnnxClassifier(path)
     meta = clf.metadata
     assert meta['model'] == 'sd_resnet20' and meta['num_classes'] == 10 and meta['precision'] == 'fp32'
     assert clf.mean == pytest.approx(data.CIFAR10_MEAN) and clf.std == pytest.approx(data.CIFAR10_STD)
-    assert meta['sd_config']['survival_probs'] == pytest.approx(exported['probs'])
-    assert meta['sd_config']['rule'] == 'paper'
+    assert meta['model_args'] == exported['model'].sd_config() and meta['model_args']['sd_rule'] == 'paper'
+    assert timm.create_model('sd_resnet20', **meta['model_args']).survival_probs == pytest.approx(exported['probs'])
 
 
 # --- Runtime ---------------------------------------------------------------------------------------
@@ -328,7 +331,7 @@ def test_cli_export_and_validate(tmp_path, capsys, cifar):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report['folded_blocks'] == 9 and 'Mul' not in report['op_counts']
     clf = OnnxClassifier(out)
-    assert clf.metadata['sd_config']['survival_probs'] == pytest.approx([0.7] * 9)
+    assert timm.create_model('sd_resnet20', **clf.metadata['model_args']).survival_probs == pytest.approx([0.7] * 9)
     assert clf.metadata['source'] == 'final.safetensors'
     assert main(['validate', str(out), '--data', 'cifar10-jpeg75', '--checkpoint', str(ckpt), '--limit', '200',
                  '--json']) == 0
@@ -349,7 +352,7 @@ def test_cli_overrides_and_unknown_settings(tmp_path, capsys):
     assert main(['export', '--model', 'sd_resnet20', '--checkpoint', str(bare), '-o', str(out),
                  '--drop-path-rate', '0.2', '--sd-schedule', 'uniform']) == 0
     clf = OnnxClassifier(out)
-    assert clf.metadata['sd_config']['survival_probs'] == pytest.approx([0.8] * 9)
+    assert timm.create_model('sd_resnet20', **clf.metadata['model_args']).survival_probs == pytest.approx([0.8] * 9)
     x = np.random.default_rng(4).standard_normal((2, 3, 32, 32), dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -366,3 +369,12 @@ def test_cli_overrides_and_unknown_settings(tmp_path, capsys):
 def test_validate_compare_fp16(exported, exported_fp16, cifar):
     r = validate_onnx(exported_fp16['path'], limit=100, reference=OnnxClassifier(exported['path']))
     assert r['n'] == 100 and r['top1_agreement'] >= 99.0
+
+
+def test_the_2x2_shortcut_pool_exports_as_an_exact_conv(tmp_path):
+    model = sd_model(sd_shortcut_pool=2)
+    report = export_onnx(model, tmp_path / 'pool2.onnx')
+    assert report.op_counts.get('Pad', 0) == 0 and report.op_counts.get('AveragePool', 0) == 0
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    assert within_tol(OnnxClassifier(tmp_path / 'pool2.onnx')(x), torch_logits(model, x))
+    assert OnnxClassifier(tmp_path / 'pool2.onnx').metadata['model_args']['sd_shortcut_pool'] == 2

@@ -39,7 +39,20 @@ def test_uniform_and_explicit_schedules():
     assert survival_probs(3, 0.5, explicit) == explicit
     model = timm.create_model('sd_resnet20', sd_probs=[0.5] * 9)
     assert model.survival_probs == [0.5] * 9 and model.expected_depth == pytest.approx(4.5)
-    assert model.sd_config()['schedule'] == 'explicit'
+    assert model.sd_config()['sd_probs'] == [0.5] * 9 and 'drop_path_rate' not in model.sd_config()
+
+
+@pytest.mark.parametrize('kwargs', [
+    {}, dict(drop_path_rate=0.0), dict(drop_path_rate=0.3, sd_schedule='uniform'),
+    dict(sd_probs=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]), dict(sd_gate='sample', sd_rule='inverted'),
+    dict(sd_shortcut_pool=2)])
+def test_sd_config_is_exactly_the_create_model_arguments(kwargs):
+    model = timm.create_model('sd_resnet20', **kwargs)
+    config = model.sd_config()
+    assert {k: config[k] for k in kwargs} == kwargs
+    rebuilt = timm.create_model('sd_resnet20', **config)
+    assert rebuilt.sd_config() == config and rebuilt.survival_probs == model.survival_probs
+    assert [m.gate for m in rebuilt.stochastic_depth_modules()] == [m.gate for m in model.stochastic_depth_modules()]
     assert timm.create_model('sd_resnet20', drop_path_rate=0.0).expected_depth == 9
     assert expected_depth([0.25, 0.75]) == 1.0
 

@@ -46,3 +46,18 @@ def test_timm_test_models_passes_on_sd_zoo_models(timm_tests):
     # architectures, plus default-cfg checks for each of their pretrained tags.
     assert passed >= 70, summary
     assert 'failed' not in summary and 'error' not in summary, summary
+
+
+def test_sd_zoo_timm_runs_a_script_unchanged_with_the_models_registered(tmp_path):
+    script = tmp_path / 'probe.py'  # stands in for timm's validate.py: it knows nothing of sd_zoo
+    script.write_text('import sys, timm\n'
+                      'model = timm.create_model(sys.argv[1])\n'
+                      'print("built", type(model).__name__, model.num_blocks, sys.argv[2:])\n'
+                      'sys.exit(3)\n')
+    cmd = [sys.executable, '-m', 'sd_zoo.cli', 'timm', str(script), 'sd_resnet20', '--device', 'cpu']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr  # the script's own exit status
+    assert "built SDCifarResNet 9 ['--device', 'cpu']" in proc.stdout
+    proc = subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'timm', str(tmp_path / 'validate.py')],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and 'no such file' in proc.stderr

@@ -20,7 +20,8 @@ import timm.data
 import timm.optim
 from sd_zoo import data, train
 from sd_zoo.errors import ConfigError
-from sd_zoo.checkpoint import load_weights, read_metadata
+from sd_zoo import load_model
+from sd_zoo.checkpoint import read_metadata
 from sd_zoo.evaluate import evaluate, model_logits_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_run_writes_all_outputs(runs):
         meta = f.metadata()
     assert meta['sd_zoo.model'] == 'sd_resnet20' and meta['sd_zoo.data'] == 'cifar10-jpeg75'
     assert meta['sd_zoo.recipe'] == 'paper' and meta['sd_zoo.num_classes'] == '10'
-    assert json.loads(meta['sd_zoo.sd_config']) == model.sd_config()
+    assert json.loads(meta['sd_zoo.model_args']) == model.sd_config()
 
 
 def test_constant_depth_executes_every_block(runs):
@@ -212,7 +213,7 @@ def test_ddp_two_processes_agree_on_gates_and_weights(jpeg_data, tmp_path):
     assert not all(all(step) for step in ranks[0]['gates']), 'p_L = 0.5 should have dropped some block'
     assert ranks[0]['params'] == ranks[1]['params']
     # Evaluation was split across ranks and summed: it must match a single-process evaluation.
-    model = load_weights(tmp_path / 'run' / 'final.safetensors')
+    model = load_model(tmp_path / 'run' / 'final.safetensors')
     x, y = data.load_split('cifar10-jpeg75', 'test')
     idx = data.balanced_subset(y, np.arange(len(y)), 100)
     single = evaluate(model_logits_fn(model, data.CIFAR10_MEAN, data.CIFAR10_STD), x[idx], y[idx])
@@ -246,3 +247,54 @@ def test_timm_create_optimizer_v2():
     model.train()
     torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
     opt.step()
+
+
+# --- no lost or mislabelled work ---------------------------------------------------------------------
+
+def test_a_second_run_into_a_locked_output_is_refused(jpeg_data, tmp_path):
+    out = tmp_path / 'run'
+    lock = train._take_output(out)  # this process plays the run in progress
+    try:
+        cmd, env = _cli('train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--epochs', '1',
+                        '--train-subset', '128', '--val-size', '64', '--quiet', '--output', str(out))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and f'is in use by another sd-zoo train (pid {os.getpid()})' in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == ['.lock']  # nothing written by the refused run
+    finally:
+        lock.close()
+    # a lock left by a process that died is no lock: the kernel dropped it with the process
+    (out / '.lock').write_text('999999')
+    (out / '.final.safetensors.4242.tmp').write_bytes(b'half a file')
+    train._take_output(out).close()
+    assert sorted(p.name for p in out.iterdir()) == ['.lock']  # the killed writer's temp file is gone
+
+
+def test_a_tag_trains_with_its_own_settings_and_says_so(jpeg_data, tmp_path, capsys):
+    summary = train.train(dict(TINY, model='sd_resnet20.c10j75_cd', epochs=1, quiet=False, max_steps=1,
+                               output=tmp_path / 'cd'))
+    out = capsys.readouterr().out
+    assert summary['model_args']['drop_path_rate'] == 0.0  # the tag's constant depth, not the paper's 0.5
+    assert 'settings of tag c10j75_cd, not its weights' in out and "'drop_path_rate': 0.0" in out
+    assert read_metadata(tmp_path / 'cd' / 'final.safetensors')['init_from'] == 'random initialisation'
+
+
+def test_fine_tuning_starts_from_the_tags_weights_with_a_new_head(tmp_path):
+    cfg = train.resolve_config(dict(model='sd_resnet20.c10j75', pretrained=True, output=str(tmp_path)))
+    model = train.create_model(cfg, num_classes=100, say=lambda *a: None)
+    published = load_model('sd_resnet20.c10j75')
+    assert model.fc.out_features == 100 and model.sd_config() == published.sd_config()
+    own = model.state_dict()
+    for k, v in published.state_dict().items():
+        if not k.startswith('fc.'):
+            assert torch.equal(own[k], v), k
+
+
+def test_init_weights_are_recorded_in_the_new_weights(jpeg_data, tmp_path):
+    start = load_model('sd_resnet20.c10j75')
+    path = tmp_path / 'start.safetensors'
+    from sd_zoo.checkpoint import save_weights
+    save_weights(start, path, data='cifar10-jpeg75')
+    train.train(dict(TINY, epochs=1, max_steps=1, init_weights=str(path), output=tmp_path / 'ft'))
+    meta = read_metadata(tmp_path / 'ft' / 'final.safetensors')
+    assert meta['init_from'] == 'start.safetensors'
+    assert json.loads((tmp_path / 'ft' / 'run.json').read_text())['init_from'] == 'start.safetensors'

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU latency of an sd-zoo model: PyTorch eager against ONNX Runtime fp32, measured in one run.
 
-    python export/onnx_benchmark.py --model sd_resnet110 --batch-sizes 1 64
+    python benchmarks/onnx_benchmark.py --model sd_resnet110 --batch-sizes 1 64
 
 Exports the model (random weights, or ``--checkpoint``) to a temporary file, then times PyTorch eager
 (``inference_mode``) and the ONNX Runtime session of ``sd_zoo.onnx_runtime.OnnxClassifier``
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sd_zoo.onnx_export import build_model, export_onnx  # noqa: E402
+from sd_zoo import load_model  # noqa: E402
+from sd_zoo.onnx_export import export_onnx  # noqa: E402
 from sd_zoo.onnx_runtime import OnnxClassifier, import_onnxruntime, physical_cores, time_interleaved  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def benchmark(model_name='sd_resnet110', checkpoint=None, batch_sizes=(1, 64), r
     """One result dict per batch size: median ms of eager and ORT, the speed-up and their max difference."""
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
-    model, _ = build_model(model_name, checkpoint=checkpoint)
+    model = load_model(checkpoint) if checkpoint else load_model(model_name, pretrained=False)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / 'model.onnx'
         export_onnx(model, onnx_path)

@@ -1,0 +1,58 @@
+"""int8 against fp32 ONNX Runtime CPU latency (batch 1 and 64) and the accuracy change, in one run.
+
+Exports the published weights (optionally depth-pruned) to fp32 ONNX, quantizes them as
+``sd-zoo export --int8`` does (QDQ, per-channel int8 weights, uint8 activations, calibrated on
+training images), scores both graphs on the test split, and times them interleaved (median of repeats,
+one process, ``--threads`` intra-op threads for both).
+
+    python benchmarks/bench_int8.py [--model sd_resnet20.c10j75] [--keep-blocks N] [--data cifar10-jpeg75]
+                                    [--limit N] [--threads 1] [--repeats 300 --repeats-64 40]
+"""
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from sd_zoo.onnx_export import export_onnx
+from sd_zoo.onnx_runtime import OnnxClassifier, time_interleaved
+from sd_zoo.quantize import compare_on_test, quantize_int8
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='sd_resnet20.c10j75')
+    parser.add_argument('--keep-blocks', type=int, help='depth-prune to N blocks first (survival order)')
+    parser.add_argument('--data', default='cifar10-jpeg75')
+    parser.add_argument('--limit', type=int, help='test images scored (default: the whole split)')
+    parser.add_argument('--calibration-images', type=int, default=512)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=300, help='timed calls at batch 1')
+    parser.add_argument('--repeats-64', type=int, default=40, help='timed calls at batch 64')
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / 'fp32.onnx', Path(tmp) / 'int8.onnx'
+        export_onnx(args.model, fp32, pretrained=True, keep_blocks=args.keep_blocks)
+        quantize_int8(fp32, int8, args.data, args.calibration_images)
+        report = compare_on_test(fp32, int8, args.data, args.limit, args.calibration_images)
+        sessions = {k: OnnxClassifier(p, threads=args.threads) for k, p in (('fp32', fp32), ('int8', int8))}
+        print(f'{args.model}{f" pruned to {args.keep_blocks} blocks" if args.keep_blocks else ""}, ONNX Runtime '
+              f'{onnxruntime.__version__} CPU, {args.threads} thread(s), load average '
+              f'{os.getloadavg()[0]:.2f}')
+        print(f'{"batch":>5} {"fp32 ms":>9} {"int8 ms":>9} {"int8/fp32":>9}  repeats')
+        rng = np.random.default_rng(0)
+        for batch, repeats in ((1, args.repeats), (64, args.repeats_64)):
+            x = rng.standard_normal((batch, 3, 32, 32), dtype=np.float32)
+            times = time_interleaved({k: (lambda s=s: s(x)) for k, s in sessions.items()}, repeats)
+            fp, q = (1000 * float(np.median(times[k])) for k in ('fp32', 'int8'))
+            print(f'{batch:>5} {fp:>9.3f} {q:>9.3f} {q / fp:>9.3f}  {repeats}')
+    print(f'test top-1 error on {report.data} ({report.n} images): fp32 {report.fp32_top1_err:.2f}%, int8 '
+          f'{report.int8_top1_err:.2f}% ({report.drop:+.2f} points); same class on {report.top1_agreement:.2f}%; '
+          f'file {report.fp32_size_bytes / 2 ** 20:.2f} -> {report.size_bytes / 2 ** 20:.2f} MiB')
+
+
+if __name__ == '__main__':
+    main()

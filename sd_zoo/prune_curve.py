@@ -1,0 +1,188 @@
+"""`sd-zoo prune-curve`: test error, multiply-accumulates and ONNX Runtime latency at every pruned depth.
+
+For each model and each number of kept blocks N, from all blocks down to one block per stage, the
+model is pruned (:func:`sd_zoo.prune_blocks`; one ranking per model, so the nets are nested), scored
+in PyTorch on the test split (so the all-blocks row is the model card's error), counted (MACs of one
+image) and exported to ONNX; then every exported graph is timed on the CPU at batch 1 and batch 64 in
+one interleaved loop (``onnx_runtime.time_interleaved``), so that a load change on the machine hits all
+of them alike. :func:`measure_curves` returns the rows, :func:`pruning_table` the rows of one model
+(for a model card), :func:`plot_curves` draws them.
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data
+from .errors import ConfigError
+from .pruning import blocks_to_keep, block_slots, drop_ranking, parse_order, prune_blocks
+
+BATCHES = (1, 64)
+REPEATS = {1: 300, 64: 40}
+
+
+def depths(model: nn.Module) -> List[int]:
+    """Block counts of the curve: all kept blocks down to one per stage."""
+    kept = sum(b.kept for b in block_slots(model))
+    return list(range(kept, len(model._stages()) - 1, -1))
+
+
+def _time_graphs(paths: Dict[Any, Path], threads: int, repeats: Dict[int, int]) -> Dict[Any, Dict[int, float]]:
+    """Median ms per call of each ONNX file at each batch size, all files interleaved."""
+    from .onnx_runtime import OnnxClassifier, time_interleaved
+
+    sessions = {key: OnnxClassifier(path, threads=threads) for key, path in paths.items()}
+    rng = np.random.default_rng(0)
+    out: Dict[Any, Dict[int, float]] = {key: {} for key in paths}
+    for batch, n in repeats.items():
+        x = rng.standard_normal((batch, 3, 32, 32), dtype=np.float32)
+        times = time_interleaved({key: (lambda s=s: s(x)) for key, s in sessions.items()}, n)
+        for key, t in times.items():
+            out[key][batch] = 1000.0 * float(np.median(t))
+    return out
+
+
+def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival', limit: Optional[int] = None,
+                   threads: int = 1, repeats: Optional[Dict[int, int]] = None, importance_images: int = 500,
+                   blocks: Optional[Sequence[int]] = None, progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
+    """``{name: [{'blocks', 'kept', 'top1_err', 'macs', 'latency_ms_bs1', 'latency_ms_bs64'}, ...]}``.
+
+    Args:
+        models: eval-mode sd-zoo models by display name (their ``pretrained_cfg`` gives mean and std).
+        data_name: the test split scored (``limit`` images, class-balanced, if given); the importance order
+            ranks blocks on validation images of its training split.
+        order: ``'survival'``, ``'importance'`` or a list of block indices (see :mod:`sd_zoo.pruning`).
+        threads: ONNX Runtime CPU threads (1: the least noisy on a shared machine).
+        repeats: timed calls per batch size, default :data:`REPEATS`.
+        blocks: the block counts measured, default :func:`depths` (all of them).
+    """
+    from tqdm.auto import tqdm
+    from .evaluate import evaluate, load_eval_split, model_logits_fn, normalization
+    from .model_card import count_params_macs
+    from .onnx_export import export_onnx
+
+    repeats = repeats or REPEATS
+    images, labels = load_eval_split(data_name, 'test', limit)
+    rows: Dict[str, List[Dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix='sd_zoo_prune_curve_') as tmp:
+        paths = {}
+        for name, model in models.items():
+            ranking = drop_ranking(model, order, data_name, num_images=importance_images, progress=progress)
+            rows[name] = []
+            for n in tqdm(blocks or depths(model), desc=f'{name} depths', unit='net', disable=not progress):
+                pruned = prune_blocks(model, blocks_to_keep(model, n, ranking)).eval()
+                err = evaluate(model_logits_fn(pruned, *normalization(pruned)), images, labels)['top1_err']
+                paths[name, n] = Path(tmp) / f'{len(paths)}.onnx'
+                export_onnx(pruned, paths[name, n])
+                rows[name].append(dict(blocks=n, kept=list(pruned.sd_keep_blocks), top1_err=round(err, 2),
+                                       macs=int(count_params_macs(pruned)[1])))
+        latency = _time_graphs(paths, threads, repeats)
+    for name, curve in rows.items():
+        for row in curve:
+            row.update({f'latency_ms_bs{b}': round(latency[name, row['blocks']][b], 4) for b in repeats})
+    return rows
+
+
+def pruning_table(model: nn.Module, data_name: str, order='survival', limit: Optional[int] = None,
+                  rows: int = 7, progress: bool = False) -> List[Dict[str, Any]]:
+    """Rows (blocks kept, top-1 error %, MACs, ORT CPU latency ms at batch 1 and 64) for a model card.
+
+    At most ``rows`` block counts, evenly spaced from all blocks down to one per stage (every count for
+    sd_resnet20), so that a deep net's table costs ``rows`` evaluations rather than one per block.
+    """
+    counts = depths(model)
+    picked = sorted({counts[int(round(i))] for i in np.linspace(0, len(counts) - 1, min(rows, len(counts)))},
+                    reverse=True)
+    return measure_curves({'model': model}, data_name, order, limit, blocks=picked, progress=progress)['model']
+
+
+def plot_curves(curves: Dict[str, List[Dict[str, Any]]], path, title: str = '') -> Path:
+    """Test error against blocks kept and against ONNX Runtime CPU latency (batch 1 and 64), one line per model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4), constrained_layout=True)
+    axes = fig.subplots(1, 3, sharey=True)
+    x_keys = (('blocks', 'residual blocks kept'), ('latency_ms_bs1', 'ORT CPU latency, batch 1 (ms)'),
+              ('latency_ms_bs64', 'ORT CPU latency, batch 64 (ms)'))
+    for ax, (key, label) in zip(axes, x_keys):
+        for name, curve in curves.items():
+            ax.plot([r[key] for r in curve], [r['top1_err'] for r in curve], marker='o', label=name)
+            if key == 'blocks':
+                for r in curve:
+                    ax.annotate(f'{r["top1_err"]:.1f}', (r['blocks'], r['top1_err']), textcoords='offset points',
+                                xytext=(0, 5), ha='center', fontsize=7)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('test top-1 error (%)')
+    axes[0].invert_xaxis()
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def format_table(curves: Dict[str, List[Dict[str, Any]]]) -> str:
+    lines = [f'{"model":<28} {"blocks":>6} {"top-1 err %":>11} {"MMACs":>7} {"bs1 ms":>8} {"bs64 ms":>8}  kept']
+    for name, curve in curves.items():
+        for r in curve:
+            lines.append(f'{name:<28} {r["blocks"]:>6} {r["top1_err"]:>11.2f} {r["macs"] / 1e6:>7.2f} '
+                         f'{r["latency_ms_bs1"]:>8.3f} {r["latency_ms_bs64"]:>8.2f}  {r["kept"]}')
+    return '\n'.join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnxruntime
+
+    from .loader import load_model
+
+    torch.set_num_threads(args.threads)
+    if len(set(args.model)) != len(args.model):
+        raise ConfigError(f'--model repeats a model: {args.model}; name each once')
+    models = {}
+    for name in args.model:
+        model = load_model(name).eval()
+        if model.num_classes != data.num_classes(args.data):
+            raise ConfigError(f'{name} has {model.num_classes} classes but {args.data} has '
+                              f'{data.num_classes(args.data)}; give the data the model was trained for')
+        models[name] = model
+    curves = measure_curves(models, args.data, args.prune_order, args.limit, args.threads,
+                            importance_images=args.importance_images, progress=not args.quiet)
+    title = data.dataset_info(args.data).title
+    print(f'{title} test split, {args.limit or "all"} images; prune order {args.prune_order}; ONNX Runtime '
+          f'{onnxruntime.__version__} CPU, {args.threads} thread(s), median of {REPEATS[1]} (batch 1) and '
+          f'{REPEATS[64]} (batch 64) interleaved calls')
+    print(format_table(curves))
+    if args.plot:
+        order = args.prune_order if isinstance(args.prune_order, str) else 'explicit'
+        print(f'plot: {plot_curves(curves, args.plot, f"Depth pruning, {order} order; {title}, test split")}')
+    if args.json:
+        print(json.dumps(dict(curves=curves, data=args.data, split='test', images=args.limit,
+                              prune_order=args.prune_order, threads=args.threads)))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'prune-curve', help='error, MACs and ONNX CPU latency of a model pruned to each depth', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', action='append', required=True, metavar='TAG',
+                   help='pretrained tag, Hub folder or weights file; repeat to compare models')
+    p.add_argument('--data', required=True, choices=list(data.DATASETS), help='the test split scored')
+    p.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
+                   help='survival (default), importance, or block indices i,j,... dropped first')
+    p.add_argument('--limit', type=int, metavar='N', help='score only N test images, class-balanced')
+    p.add_argument('--importance-images', type=int, default=500, metavar='N',
+                   help='validation images that rank blocks for --prune-order importance (default %(default)s)')
+    p.add_argument('--threads', type=int, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')
+    p.add_argument('--plot', metavar='FILE', help='write the curves as a PNG')
+    p.add_argument('--json', action='store_true', help='print {"curves": {TAG: [rows]}} as one JSON object last')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.set_defaults(func=run)

@@ -1,0 +1,384 @@
+"""Uncertainty from depth: Monte-Carlo depth ensembles, calibration metrics and reliability diagrams.
+
+The paper reads stochastic depth as training an implicit ensemble of networks of different depths. At
+test time the same gates can be drawn again, as MC dropout does for dropout nets: N forward passes,
+each through a randomly shortened network, average into a predictive distribution whose spread says how
+sure the model is. :func:`mc_predict` does that with BatchNorm in eval mode and the gates drawn exactly
+as in training (per mini-batch or per sample, the model's own setting; a kept branch is unscaled under
+the paper rule and divided by p_l under the inverted rule), so for every block the mean pre-activation
+over samples is the expected-value net's. A constant-depth model (every p_l = 1) gives N identical
+passes: a degenerate ensemble.
+
+The metrics (:func:`calibration_metrics`) score any class probabilities: top-1 error, NLL, Brier score,
+expected calibration error over 15 equal-width confidence bins, and selective prediction (error when
+only the most confident 90 % or 80 % of images are kept, area under the risk-coverage curve).
+:func:`calibration_report` compares the deterministic expected-value net, the same net with a
+temperature fitted on validation images held out of the training split, and the N-sample depth
+ensemble; ``sd-zoo eval --mc-samples N`` prints it.
+"""
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data
+from .errors import ConfigError
+from .evaluate import load_eval_split, model_logits_fn
+from .stochastic_depth import StochasticDepth
+
+ECE_BINS = 15
+COVERAGES = (0.9, 0.8)
+# The model's own attributes that gate planning writes (the planning generator, the last batch's gates).
+_MODEL_GATE_ATTRS = ('_gate_generator', '_last_gates')
+
+
+class MCPrediction(NamedTuple):
+    """Per-image output of :func:`mc_predict` (float64)."""
+    probs: torch.Tensor        # [B, C] mean of the sampled softmax outputs
+    entropy: torch.Tensor      # [B] predictive entropy H[mean p], nats
+    mutual_info: torch.Tensor  # [B] H[mean p] - mean H[p]: the part of the entropy due to disagreement between depths
+
+
+def gated_blocks(model: nn.Module) -> List[nn.Module]:
+    """Residual blocks with a stochastic-depth gate (a ``stochastic_depth`` attribute); ConfigError if none."""
+    blocks = [m for m in model.modules() if isinstance(getattr(m, 'stochastic_depth', None), StochasticDepth)]
+    if not blocks:
+        raise ConfigError(f'{type(model).__name__} has no stochastic-depth gates, so there are no depths to '
+                          f'sample; use an sd-zoo model (e.g. sd_resnet110) trained with drop_path_rate > 0')
+    return blocks
+
+
+@contextmanager
+def depth_sampling(model: nn.Module, generator: Optional[torch.Generator] = None) -> Iterator[Callable]:
+    """Yield ``sample(x) -> logits``: one forward pass of ``model`` with freshly drawn stochastic-depth gates.
+
+    Only the gated blocks' own ``training`` flags are set, so they take the training path (gates drawn,
+    dropped branches skipped) while BatchNorm, dropout and everything else run in eval mode. Gates come
+    from ``generator`` (a CPU ``torch.Generator``), or from torch's global RNG if None. On exit the model
+    is as before: training flags, gate generators, planned gates and gate statistics.
+    """
+    blocks = gated_blocks(model)
+    if generator is not None and generator.device.type != 'cpu':
+        raise ConfigError('the gate generator must be a CPU torch.Generator (gates are decided on the host)')
+    gates = [b.stochastic_depth for b in blocks]
+    flags = [(m, m.training) for m in model.modules()]
+    gate_state = [(g.generator, g.planned, g.num_calls, g.num_executed) for g in gates]
+    model_state = {k: model.__dict__[k] for k in _MODEL_GATE_ATTRS if k in model.__dict__}
+    plan = getattr(model, 'plan_gates', None)
+
+    def sample(x: torch.Tensor) -> torch.Tensor:
+        if plan is not None:  # an sd-zoo model draws all gates of a pass in one RNG call, as in training
+            plan(x.shape[0])
+        return model(x)
+
+    try:
+        model.eval()
+        for b in blocks:
+            b.training = True
+        for g in gates:
+            g.generator = generator
+        if plan is not None:
+            model._gate_generator = generator
+        yield sample
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for g, (gen, planned, calls, executed) in zip(gates, gate_state):
+            g.generator, g.planned, g.num_calls, g.num_executed = gen, planned, calls, executed
+        for k in _MODEL_GATE_ATTRS:
+            model.__dict__.pop(k, None)
+        model.__dict__.update(model_state)
+
+
+def _check_samples(samples: int) -> None:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f'the number of depth samples must be a positive integer, got {samples!r}; '
+                          f'30 is a good start (each sample is one forward pass)')
+
+
+@torch.no_grad()
+def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 30,
+               generator: Optional[torch.Generator] = None) -> MCPrediction:
+    """Monte-Carlo depth ensemble: ``samples`` forward passes of ``x``, each with its own draw of the gates.
+
+    Args:
+        model: a stochastic-depth model (any mode; it runs with BatchNorm in eval mode and is left unchanged).
+        x: the model's input batch, already normalised.
+        samples: N, the number of passes (the cost is N forwards, each skipping the dropped branches).
+        generator: CPU ``torch.Generator`` for the gates; the same seed gives the same result. None draws
+            from torch's global RNG.
+
+    Returns:
+        mean probabilities, predictive entropy and mutual information per image (float64).
+    """
+    _check_samples(samples)
+    total = entropy_sum = None
+    with depth_sampling(model, generator) as sample:
+        for _ in range(samples):
+            p = sample(x).double().softmax(dim=1)
+            h = torch.special.entr(p).sum(dim=1)
+            total = p if total is None else total + p
+            entropy_sum = h if entropy_sum is None else entropy_sum + h
+    probs = total / samples
+    entropy = torch.special.entr(probs).sum(dim=1)
+    # Non-negative by Jensen's inequality; the clamp removes rounding noise when all samples agree.
+    mutual_info = (entropy - entropy_sum / samples).clamp_min(0.0)
+    return MCPrediction(probs, entropy, mutual_info)
+
+
+# --- metrics on class probabilities [N, C] and labels [N] -------------------------------------------------
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class, nats per image."""
+    p_true = probs.double().gather(1, labels.view(-1, 1)).squeeze(1)
+    return float(-p_true.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over images of the squared error summed over classes (0 perfect, 2 the worst)."""
+    onehot = F.one_hot(labels, probs.shape[1]).double()
+    return float((probs.double() - onehot).square().sum(dim=1).mean())
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Dict[str, torch.Tensor]:
+    """Per equal-width confidence bin ((k/bins, (k+1)/bins]): image count, mean confidence, accuracy."""
+    conf, pred = probs.double().max(dim=1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1])
+    count = torch.bincount(idx, minlength=bins).double()
+    safe = count.clamp_min(1)
+    return dict(edges=edges, count=count,
+                confidence=torch.bincount(idx, conf, minlength=bins) / safe,
+                accuracy=torch.bincount(idx, correct, minlength=bins) / safe)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """|accuracy - mean confidence| per bin, weighted by the bin's share of images, in percent."""
+    b = reliability_bins(probs, labels, bins)
+    return float(100 * (b['count'] / b['count'].sum() * (b['accuracy'] - b['confidence']).abs()).sum())
+
+
+def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Error rate among the k most confident images, for k = 1..N (ties keep the images' order)."""
+    conf, pred = probs.double().max(dim=1)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    wrong = (pred[order] != labels[order]).double()
+    return wrong.cumsum(0) / torch.arange(1, len(wrong) + 1, dtype=torch.float64)
+
+
+def error_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float) -> float:
+    """Top-1 error (percent) on the most confident ``coverage`` share of the images (rounded up to whole images)."""
+    risk = risk_coverage(probs, labels)
+    keep = max(1, math.ceil(round(coverage * len(risk), 6)))  # the inner round: 0.9 * 10 is 9.000000000000002
+    return float(100 * risk[keep - 1])
+
+
+def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the risk-coverage curve: mean of the error rate over coverages k/N (a fraction, 0 to 1)."""
+    return float(risk_coverage(probs, labels).mean())
+
+
+def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1 error, NLL, Brier score, ECE (15 bins) and selective-prediction metrics of probabilities [N, C]."""
+    labels = torch.as_tensor(labels).long()
+    result = dict(top1_err=float(100 * (probs.argmax(dim=1) != labels).double().mean()),
+                  nll=nll(probs, labels), brier=brier_score(probs, labels),
+                  ece=expected_calibration_error(probs, labels))
+    for c in COVERAGES:
+        result[f'err_at_{round(100 * c)}_coverage'] = error_at_coverage(probs, labels, c)
+    result['aurc'] = aurc(probs, labels)
+    return result
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T)."""
+    logits, labels = logits.detach().double(), torch.as_tensor(labels).long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+# --- datasets ------------------------------------------------------------------------------------------------
+
+def _chunks(images, batch_size: int, desc: str, progress: bool):
+    images = torch.as_tensor(images)
+    with tqdm(total=len(images), desc=desc, unit='img', disable=not progress, leave=False) as bar:
+        for chunk in images.split(batch_size):
+            yield chunk
+            bar.update(len(chunk))
+
+
+def eval_logits(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], batch_size: int = 1000,
+                progress: bool = True) -> torch.Tensor:
+    """Logits [N, C] (CPU, float32) of the expected-value net for uint8 images [N, 32, 32, 3]."""
+    fn = model_logits_fn(model, mean, std)
+    return torch.cat([fn(chunk).cpu() for chunk in _chunks(images, batch_size, 'deterministic', progress)])
+
+
+def mc_predict_images(model: nn.Module, images, mean: Sequence[float], std: Sequence[float], samples: int,
+                      batch_size: int = 1000, generator: Optional[torch.Generator] = None,
+                      progress: bool = True) -> MCPrediction:
+    """:func:`mc_predict` over uint8 images [N, 32, 32, 3], ``batch_size`` images per forward pass.
+
+    With the batch gate (the paper's) every pass draws one gate per block for its ``batch_size`` images,
+    as a training mini-batch does.
+    """
+    _check_samples(samples)
+    device = next(model.parameters()).device
+    parts = []
+    for chunk in _chunks(images, batch_size, f'{samples} depth samples', progress):
+        x = data.normalize(chunk.to(device), mean, std)
+        parts.append(mc_predict(model, x, samples, generator))
+    return MCPrediction(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in MCPrediction._fields))
+
+
+def validation_split(data_name: str, limit: Optional[int] = None, root=None):
+    """The validation images held out of the training split (``data.train_val_split``), never test images."""
+    images, labels = data.load_split(data_name, 'train', root)
+    _, val_idx = data.train_val_split(len(labels), data.VAL_SIZE)
+    if limit:
+        val_idx = data.balanced_subset(labels, val_idx, min(limit, len(val_idx)))
+    return images[val_idx], labels[val_idx]
+
+
+def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Sequence[float],
+                       std: Sequence[float], limit: Optional[int] = None, batch_size: int = 1000,
+                       generator: Optional[torch.Generator] = None, root=None,
+                       progress: bool = True) -> Dict[str, object]:
+    """Calibration of the expected-value net, of it with a fitted temperature, and of an N-sample depth ensemble.
+
+    The temperature is fitted on the validation images held out of the training split (``limit`` of them,
+    class-balanced, if given); all metrics are measured on the test split (``limit`` images if given).
+    Returns a JSON-able dict with keys ``deterministic``, ``temperature_scaled`` and ``mc`` (each holding
+    the :func:`calibration_metrics`), ``temperature``, ``samples``, ``n``, ``val_n`` and the mean entropy
+    and mutual information of the ensemble on correctly and wrongly classified images.
+    """
+    _check_samples(samples)
+    gated_blocks(model)  # its clear error before any data is read
+    val_x, val_y = validation_split(data_name, limit, root)
+    test_x, test_y = load_eval_split(data_name, 'test', limit, root)
+    val_y, test_y = torch.as_tensor(val_y), torch.as_tensor(test_y)
+    temperature = fit_temperature(eval_logits(model, val_x, mean, std, batch_size, progress), val_y)
+    logits = eval_logits(model, test_x, mean, std, batch_size, progress).double()
+    mc = mc_predict_images(model, test_x, mean, std, samples, batch_size, generator, progress)
+    probs = dict(deterministic=logits.softmax(dim=1), temperature_scaled=(logits / temperature).softmax(dim=1),
+                 mc=mc.probs)
+    report = {key: calibration_metrics(p, test_y) for key, p in probs.items()}
+    wrong = mc.probs.argmax(dim=1) != test_y
+    report['uncertainty'] = {f'{name}_{kind}': float(values[mask].mean()) if mask.any() else None
+                             for name, values in (('entropy', mc.entropy), ('mutual_info', mc.mutual_info))
+                             for kind, mask in (('correct', ~wrong), ('wrong', wrong))}
+    report.update(temperature=temperature, samples=samples, n=len(test_y), val_n=len(val_y),
+                  reliability={key: _bins_json(p, test_y) for key, p in probs.items()})
+    return report
+
+
+def _bins_json(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, List[float]]:
+    b = reliability_bins(probs, labels)
+    return {k: b[k].tolist() for k in ('count', 'confidence', 'accuracy')}
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+_ROWS = (('deterministic', 'expected-value net'), ('temperature_scaled', 'temperature-scaled'), ('mc', 'MC ensemble'))
+
+
+def format_report(report: Dict[str, object], title: str) -> str:
+    """The comparison as a plain-text table."""
+    lines = [title,
+             f'{"":<22}{"top-1 err":>10}{"NLL":>8}{"Brier":>8}{"ECE":>8}{"err@90%":>9}{"err@80%":>9}{"AURC":>8}']
+    for key, label in _ROWS:
+        m = report[key]
+        label = f'{label} ({report["samples"]})' if key == 'mc' else label
+        lines.append(f'{label:<22}{m["top1_err"]:>9.2f}%{m["nll"]:>8.4f}{m["brier"]:>8.4f}{m["ece"]:>7.2f}%'
+                     f'{m["err_at_90_coverage"]:>8.2f}%{m["err_at_80_coverage"]:>8.2f}%{m["aurc"]:>8.4f}')
+    mi = ['none' if v is None else f'{v:.4f}' for v in (report['uncertainty'][f'mutual_info_{k}']
+                                                           for k in ('correct', 'wrong'))]
+    lines.append(f'temperature T = {report["temperature"]:.4f} (fitted on {report["val_n"]} validation images '
+                 f'held out of training); ensemble mutual information, correct / wrong: {mi[0]} / {mi[1]} nats')
+    return '\n'.join(lines)
+
+
+def plot_reliability(report: Dict[str, object], path: Union[str, Path], title: str = '') -> Path:
+    """Reliability diagrams side by side (expected-value net, temperature-scaled, MC ensemble) as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
+
+    fig = Figure(figsize=(11, 3.9))
+    axes = fig.subplots(1, len(_ROWS), sharey=True)
+    width = 1.0 / ECE_BINS
+    left = np.arange(ECE_BINS) * width
+    for ax, (key, label) in zip(axes, _ROWS):
+        bins = report['reliability'][key]
+        count = np.asarray(bins['count'])
+        acc = np.where(count > 0, bins['accuracy'], 0.0)
+        conf = np.where(count > 0, bins['confidence'], 0.0)
+        ax.bar(left, acc, width=width, align='edge', color='tab:blue', edgecolor='white', label='accuracy')
+        # The gap to the bin's mean confidence: above the bar the model is over-confident, below under-confident.
+        ax.bar(left, conf - acc, bottom=acc, width=width, align='edge', color='tab:red', alpha=0.3,
+               edgecolor='tab:red', hatch='//', label='gap to confidence')
+        ax.plot([0, 1], [0, 1], color='grey', linestyle='--', linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel('confidence')
+        name = f'{label} ({report["samples"]} samples)' if key == 'mc' else label
+        if key == 'temperature_scaled':
+            name += f', T = {report["temperature"]:.2f}'
+        ax.set_title(f'{name}\nECE {report[key]["ece"]:.2f} %, NLL {report[key]["nll"]:.3f}', fontsize=9)
+    axes[0].set_ylabel('accuracy')
+    axes[0].legend(loc='upper left', fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def metrics_json(report: Dict[str, object], model: str, data_name: str) -> Dict[str, object]:
+    """What ``sd-zoo eval --mc-samples N --json`` prints: the report without the per-bin arrays."""
+    out = {k: v for k, v in report.items() if k != 'reliability'}
+    return dict(out, model=model, data=data_name)
+
+
+def run_mc_eval(args) -> int:
+    """``sd-zoo eval --mc-samples N``: the calibration report of a PyTorch model on the test split."""
+    from .evaluate import eval_model, normalization
+
+    if args.onnx:
+        raise ConfigError('--mc-samples samples depths of the PyTorch model, and an ONNX file holds only the '
+                          'deterministic expected-value net; pass --model or --checkpoint instead of --onnx')
+    if args.split != 'test':
+        raise ConfigError('--mc-samples measures on the test split (the temperature is fitted on the validation '
+                          'part of the training split); drop --split train')
+    _check_samples(args.mc_samples)
+    model, name = eval_model(args)
+    gated_blocks(model)
+    generator = torch.Generator().manual_seed(args.seed)
+    report = calibration_report(model, args.data, args.mc_samples, *normalization(model), limit=args.limit or None,
+                                batch_size=args.batch_size, generator=generator)
+    title = f'{name} on {data.dataset_info(args.data).title} test ({report["n"]} images)'
+    print(format_report(report, title))
+    if args.plot:
+        print(f'reliability diagrams: {plot_reliability(report, args.plot, title)}')
+    if args.json:
+        print(json.dumps(metrics_json(report, name, args.data)))
+    return 0
