@@ -240,8 +240,7 @@ def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
     return model
 
 
-# Output folders this process has locked, so that a run that failed in this process (an in-process
-# caller that catches the error) does not lock out the next run of the same folder.
+# Output folders this process has locked: :func:`train` releases them when the run ends.
 _HELD: Dict[str, object] = {}
 
 
@@ -250,9 +249,6 @@ def _take_output(out: Path):
     which the kernel drops when the process dies, so a crashed run never blocks the next one)."""
     import fcntl
 
-    previous = _HELD.pop(str(out.resolve()), None)
-    if previous is not None:
-        previous.close()
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / '.lock', 'a+')
@@ -262,7 +258,9 @@ def _take_output(out: Path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        raise ConfigError(f'{out} is in use by another sd-zoo train (pid {lock.read().strip() or "unknown"}); '
+        holder = lock.read().strip() or 'unknown'
+        lock.close()
+        raise ConfigError(f'{out} is in use by another sd-zoo train (pid {holder}); '
                           f'wait for it to finish or choose another --output') from None
     lock.seek(0)
     lock.truncate()
@@ -367,6 +365,15 @@ def train(config: Dict, command: Optional[str] = None, started: Optional[float] 
 
     ``started``: the ``time.perf_counter()`` from which ``time_budget`` counts (default: now).
     """
+    try:
+        return _train(config, command, started)
+    finally:
+        # The output folder's lock ends with the run, whether it finished or failed.
+        while _HELD:
+            _HELD.popitem()[1].close()
+
+
+def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Dict:
     from .loader import check_model_name
 
     started = time.perf_counter() if started is None else started
@@ -433,7 +440,8 @@ def train(config: Dict, command: Optional[str] = None, started: Optional[float] 
     steps_per_epoch = len(loader)
 
     start_epoch, step, best, elapsed, commands = 0, 0, None, 0.0, []
-    lock = _take_output(out) if main else None  # held until the run ends (or its process dies)
+    if main:
+        _take_output(out)  # locked until the run ends (or its process dies)
     if cfg['resume']:
         ckpt = _read_checkpoint(ckpt_path)
         if ckpt['config'].get('time_budget'):  # its epochs were chosen when the run started: keep them
@@ -585,9 +593,6 @@ def train(config: Dict, command: Optional[str] = None, started: Optional[float] 
             params={k: _digest(v) for k, v in model.state_dict().items()}))
     if world_size > 1:
         dist.destroy_process_group()
-    if lock is not None:
-        lock.close()
-        _HELD.pop(str(out.resolve()), None)
     return summary
 
 
