@@ -266,6 +266,21 @@ def train_val_split(n: int, val_size: int = VAL_SIZE, seed: int = SPLIT_SEED) ->
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def split_part(name: str, part: str, size: Optional[int] = None, root: Optional[os.PathLike] = None,
+               what: str = 'images') -> Tuple[np.ndarray, np.ndarray]:
+    """The training (``'train'``) or held-out validation (``'val'``) part of a dataset's train split (the
+    paper's 45k/5k split, :func:`train_val_split`); the first ``size`` of it, class-balanced, if given.
+    Never reads the test split."""
+    images, labels = load_split(name, 'train', root)
+    idx = dict(zip(('train', 'val'), train_val_split(len(labels), VAL_SIZE)))[part]
+    if size is not None:
+        if not 0 < size <= len(idx):
+            kind = 'training' if part == 'train' else 'held-out validation'
+            raise ConfigError(f'{what} must lie in [1, {len(idx)}] (the {kind} part of {name}), got {size}')
+        idx = balanced_subset(labels, idx, size)
+    return images[idx], labels[idx]
+
+
 def balanced_subset(labels: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
     """The first ``size`` of ``indices`` taken class by class: n // C per class, the remainder to the lowest labels."""
     n_classes = int(labels.max()) + 1

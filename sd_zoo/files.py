@@ -82,6 +82,16 @@ def encode_metadata(meta: Mapping[str, Any]) -> Dict[str, str]:
             for k, v in sorted(meta.items())}
 
 
+def set_onnx_metadata(proto, meta: Mapping[str, Any]) -> Dict[str, str]:
+    """Replace an ONNX ModelProto's ``metadata_props`` by ``meta``, encoded; returns the strings written."""
+    strings = encode_metadata(meta)
+    del proto.metadata_props[:]
+    for k, v in strings.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    return strings
+
+
 def decode_metadata(raw: Mapping[str, str]) -> Dict[str, Any]:
     """The ``sd_zoo.*`` entries of string metadata, prefix removed and JSON decoded.
 

@@ -25,6 +25,8 @@ from .files import PICKLE_SUFFIXES, refuse_pickle
 from . import pretrained as registry
 from .pretrained import WEIGHTS_FILE
 
+# The stochastic-depth create_model arguments that the command line sets (one flag each).
+MODEL_ARG_NAMES = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
 # Keyword arguments that describe one survival schedule; an override of one replaces the stored others.
 _SCHEDULE_ARGS = {'sd_probs': ('drop_path_rate', 'sd_schedule'), 'drop_path_rate': ('sd_probs',),
                   'sd_schedule': ('sd_probs',)}
@@ -155,5 +157,4 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_args_of(args: argparse.Namespace) -> Dict[str, Any]:
     """The create_model arguments given on the command line by :func:`add_model_arguments`'s flags."""
-    keys = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in MODEL_ARG_NAMES if getattr(args, k, None) is not None}

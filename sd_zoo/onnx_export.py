@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ExportError
-from .files import atomic_write, encode_metadata
+from .files import atomic_write, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime
 from .pruning import parse_order, prune_blocks
 from .quantize import CALIBRATION_IMAGES, export_int8
@@ -324,15 +324,6 @@ def check_fp16_range(proto, example: np.ndarray) -> None:
                 f'{fp16_max:.0f}; export this model in fp32')
 
 
-def _set_metadata(proto, meta: Dict[str, Any]) -> Dict[str, str]:
-    strings = encode_metadata(meta)
-    del proto.metadata_props[:]
-    for k, v in strings.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    return strings
-
-
 def _probe(path: str, reference: np.ndarray, example: np.ndarray, fp16: bool) -> Dict[str, float]:
     """Run the written file on the probe batch and compare it with the PyTorch logits."""
     out = OnnxClassifier(path, threads=1)(example)
@@ -482,7 +473,7 @@ def export_onnx(
     if fp16:
         check_fp16_range(proto, example.numpy())
         proto = convert_to_fp16(proto)
-    metadata = _set_metadata(proto, _metadata(model, facts, input_size, fp16, used))
+    metadata = set_onnx_metadata(proto, _metadata(model, facts, input_size, fp16, used))
     proto.doc_string = f'{facts["model"]}: expected-value network of a stochastic-depth ResNet (sd-zoo)'
     check = {}
 

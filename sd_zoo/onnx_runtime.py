@@ -35,6 +35,14 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def normalize_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> float32 [N, C, H, W] as ``(x / 255 - mean) / std``, the export's input."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
+    x -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    x /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(x)
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on; hyper-threads share a core's vector units, so count once."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else range(os.cpu_count() or 1)
@@ -203,10 +211,7 @@ class OnnxClassifier:
         if images.ndim != 4 or images.shape[-1] != len(self.mean):
             raise InputShapeError(
                 f'predict_uint8 takes uint8 images (N, H, W, {len(self.mean)}), got {images.shape}')
-        x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
-        x -= np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        x /= np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        return self._run(np.ascontiguousarray(x, dtype=self.input_dtype))
+        return self._run(np.ascontiguousarray(normalize_uint8(images, self.mean, self.std), dtype=self.input_dtype))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         fixed = self.input_shape[0]

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import data
 from .errors import ConfigError
-from .pruning import blocks_to_keep, block_slots, drop_ranking, parse_order, prune_blocks
+from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, block_slots, drop_ranking, parse_order, prune_blocks
 
 BATCHES = (1, 64)
 REPEATS = {1: 300, 64: 40}
@@ -40,15 +40,15 @@ def _time_graphs(paths: Dict[Any, Path], threads: int, repeats: Dict[int, int]) 
     rng = np.random.default_rng(0)
     out: Dict[Any, Dict[int, float]] = {key: {} for key in paths}
     for batch, n in repeats.items():
-        x = rng.standard_normal((batch, 3, 32, 32), dtype=np.float32)
-        times = time_interleaved({key: (lambda s=s: s(x)) for key, s in sessions.items()}, n)
+        inputs = {key: rng.standard_normal((batch, *s.input_shape[1:]), dtype=np.float32) for key, s in sessions.items()}
+        times = time_interleaved({key: (lambda s=s, x=inputs[key]: s(x)) for key, s in sessions.items()}, n)
         for key, t in times.items():
             out[key][batch] = 1000.0 * float(np.median(t))
     return out
 
 
 def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival', limit: Optional[int] = None,
-                   threads: int = 1, repeats: Optional[Dict[int, int]] = None, importance_images: int = 500,
+                   threads: int = 1, repeats: Optional[Dict[int, int]] = None, importance_images: int = IMPORTANCE_IMAGES,
                    blocks: Optional[Sequence[int]] = None, progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
     """``{name: [{'blocks', 'kept', 'top1_err', 'macs', 'latency_ms_bs1', 'latency_ms_bs64'}, ...]}``.
 
@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .loader import load_model
 
+    for flag, value in (('--threads', args.threads), ('--limit', args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f'{flag} must be >= 1, got {value}')
     torch.set_num_threads(args.threads)
     if len(set(args.model)) != len(args.model):
         raise ConfigError(f'--model repeats a model: {args.model}; name each once')
@@ -179,7 +182,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
                    help='survival (default), importance, or block indices i,j,... dropped first')
     p.add_argument('--limit', type=int, metavar='N', help='score only N test images, class-balanced')
-    p.add_argument('--importance-images', type=int, default=500, metavar='N',
+    p.add_argument('--importance-images', type=int, default=IMPORTANCE_IMAGES, metavar='N',
                    help='validation images that rank blocks for --prune-order importance (default %(default)s)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')
     p.add_argument('--plot', metavar='FILE', help='write the curves as a PNG')

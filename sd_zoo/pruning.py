@@ -52,7 +52,7 @@ class ShortcutOnly(nn.Module):
         super().__init__()
         self.shortcut = getattr(block, 'shortcut', None)
         self.downsample = getattr(block, 'downsample', None)
-        self.act = _output_activation(block)
+        self.act = block.output_activation()
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut is not None:
@@ -66,18 +66,6 @@ class ShortcutOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_output(self.forward_shortcut(x))
-
-
-def _output_activation(block: nn.Module) -> nn.Module:
-    """The activation a block applies after its residual sum (the module its ``forward_output`` calls)."""
-    from .sd_cifar_resnet import CifarBasicBlock
-    from .sd_imagenet_resnet import SDBottleneck
-
-    if isinstance(block, CifarBasicBlock):
-        return block.act2
-    if isinstance(block, SDBottleneck):
-        return block.act3
-    raise ConfigError(f'cannot prune a {type(block).__name__}: sd-zoo prunes CIFAR basic blocks and bottlenecks')
 
 
 @dataclass
@@ -238,14 +226,7 @@ def prune_blocks(model: nn.Module, keep: Union[int, Sequence[int]], order: Order
 def validation_images(data_name: str, num_images: int = IMPORTANCE_IMAGES):
     """The first ``num_images`` (class-balanced) of the validation images held out of the training split."""
     from . import data
-
-    images, labels = data.load_split(data_name, 'train')
-    _, val = data.train_val_split(len(labels))
-    if not 0 < num_images <= len(val):
-        raise ConfigError(f'importance images must lie in [1, {len(val)}] (the held-out validation set), '
-                          f'got {num_images}')
-    pick = data.balanced_subset(labels, val, num_images)
-    return images[pick], labels[pick]
+    return data.split_part(data_name, 'val', num_images, what='importance images')
 
 
 def training_data(model: nn.Module) -> Optional[str]:

@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 
 from .errors import ConfigError, ExportError
-from .files import atomic_write, decode_metadata, encode_metadata
-from .onnx_runtime import OnnxClassifier, import_onnxruntime
+from .files import atomic_write, decode_metadata, set_onnx_metadata
+from .onnx_runtime import OnnxClassifier, import_onnxruntime, normalize_uint8
 
 CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
@@ -39,21 +39,14 @@ def calibration_images(data_name: Optional[str], num_images: int = CALIBRATION_I
     if not data_name:
         raise ConfigError('int8 quantization calibrates on training images: name the data '
                           '(--calibration cifar10-jpeg75, or data= in Python)')
-    images, labels = data.load_split(data_name, 'train')
-    train, _ = data.train_val_split(len(labels))
-    if not 0 < num_images <= len(train):
-        raise ConfigError(f'calibration images must lie in [1, {len(train)}] (the training part of {data_name}), '
-                          f'got {num_images}')
-    return images[data.balanced_subset(labels, train, num_images)]
+    return data.split_part(data_name, 'train', num_images, what='calibration images')[0]
 
 
 class ImageCalibrationReader:
     """ONNX Runtime ``CalibrationDataReader``: normalised float32 NCHW batches of uint8 HWC images."""
 
     def __init__(self, images: np.ndarray, input_name: str, mean, std, batch_size: int = CALIBRATION_BATCH):
-        self.images, self.input_name, self.batch_size = images, input_name, batch_size
-        self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+        self.images, self.input_name, self.mean, self.std, self.batch_size = images, input_name, mean, std, batch_size
         self.start = 0
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
@@ -61,8 +54,7 @@ class ImageCalibrationReader:
             return None
         batch = self.images[self.start:self.start + self.batch_size]
         self.start += self.batch_size
-        x = batch.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
-        return {self.input_name: np.ascontiguousarray((x - self.mean) / self.std)}
+        return {self.input_name: normalize_uint8(batch, self.mean, self.std)}
 
     def rewind(self) -> None:
         self.start = 0
@@ -77,10 +69,7 @@ def _copy_metadata(fp32_path: Path, int8_path: Path, calibration: Dict[str, Any]
     meta.update(precision='int8', quantization=dict(
         format='QDQ', weights='int8, one scale per output channel', activations='uint8', calibration='MinMax',
         **calibration))
-    del dst.metadata_props[:]
-    for k, v in encode_metadata(meta).items():
-        entry = dst.metadata_props.add()
-        entry.key, entry.value = k, v
+    set_onnx_metadata(dst, meta)
     dst.doc_string = src.doc_string + ' (int8)'
     onnx.save(dst, str(int8_path))
 

@@ -95,6 +95,9 @@ class CifarBasicBlock(ResidualGateMixin, nn.Module):
     def branch_norm(self) -> nn.Module:
         return self.bn2
 
+    def output_activation(self) -> nn.Module:
+        return self.act2
+
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x)
 

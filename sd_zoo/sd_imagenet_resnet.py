@@ -38,6 +38,9 @@ class SDBottleneck(ResidualGateMixin, Bottleneck):
         # A squeeze-excitation after bn3 rescales by a function of its own input, which p_l does not pass.
         return self.bn3 if self.se is None else None
 
+    def output_activation(self) -> nn.Module:
+        return self.act3
+
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
 

@@ -185,14 +185,18 @@ class ResidualGateMixin:
     """Forward pass of a residual block with a stochastic-depth gate.
 
     A block provides ``stochastic_depth`` (a :class:`StochasticDepth`), ``forward_shortcut``,
-    ``forward_branch`` (the residual function f, ending in its last BatchNorm) and ``forward_output``
-    (the activation after the sum, post-activation as in the paper).
+    ``forward_branch`` (the residual function f, ending in its last BatchNorm, :meth:`branch_norm`) and
+    ``forward_output`` (:meth:`output_activation` after the sum, post-activation as in the paper).
     """
     # Submodules whose parameters are not part of the branch f.
     shortcut_modules = ('shortcut', 'downsample')
 
     def branch_norm(self) -> Optional[nn.Module]:
         """The norm layer whose output is the branch output (where p_l folds exactly), or None if none is."""
+        raise NotImplementedError
+
+    def output_activation(self) -> nn.Module:
+        """The activation applied after the residual sum (what a pruned block keeps with its shortcut)."""
         raise NotImplementedError
 
     def zero_init_last(self) -> None:

@@ -209,9 +209,6 @@ def compile_branches(model: torch.nn.Module) -> int:
     return len(shapes)
 
 
-MODEL_ARGS = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
-
-
 def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
     """The network to train: ``cfg['model']`` (a tag brings its settings) with the run's stochastic-depth
     settings, initialised from the tag's weights (``pretrained``) or a weights file (``init_weights``).
@@ -219,10 +216,10 @@ def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
     import timm
     from timm.models import split_model_name_tag
 
-    from .loader import check_model_name, load_model
+    from .loader import MODEL_ARG_NAMES, check_model_name, load_model
 
     check_model_name(cfg['model'])
-    model_args = {k: cfg[k] for k in MODEL_ARGS if cfg[k] is not None}
+    model_args = {k: cfg[k] for k in MODEL_ARG_NAMES if cfg[k] is not None}
     source = cfg['init_weights'] or (cfg['model'] if cfg['pretrained'] else None)
     if source:
         model = load_model(source, **model_args)

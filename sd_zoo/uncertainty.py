@@ -250,15 +250,6 @@ def mc_predict_images(model: nn.Module, images, mean: Sequence[float], std: Sequ
     return MCPrediction(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in MCPrediction._fields))
 
 
-def validation_split(data_name: str, limit: Optional[int] = None, root=None):
-    """The validation images held out of the training split (``data.train_val_split``), never test images."""
-    images, labels = data.load_split(data_name, 'train', root)
-    _, val_idx = data.train_val_split(len(labels), data.VAL_SIZE)
-    if limit:
-        val_idx = data.balanced_subset(labels, val_idx, min(limit, len(val_idx)))
-    return images[val_idx], labels[val_idx]
-
-
 def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Sequence[float],
                        std: Sequence[float], limit: Optional[int] = None, batch_size: int = 1000,
                        generator: Optional[torch.Generator] = None, root=None,
@@ -273,7 +264,8 @@ def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Seq
     """
     _check_samples(samples)
     gated_blocks(model)  # its clear error before any data is read
-    val_x, val_y = validation_split(data_name, limit, root)
+    # The validation part holds VAL_SIZE images; a larger --limit (meant for the test split) takes them all.
+    val_x, val_y = data.split_part(data_name, 'val', min(limit, data.VAL_SIZE) if limit else None, root)
     test_x, test_y = load_eval_split(data_name, 'test', limit, root)
     val_y, test_y = torch.as_tensor(val_y), torch.as_tensor(test_y)
     temperature = fit_temperature(eval_logits(model, val_x, mean, std, batch_size, progress), val_y)

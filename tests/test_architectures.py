@@ -198,8 +198,8 @@ def test_paper_code_switches_bn_init_and_shortcut_pool():
 def test_blocks_name_the_norm_that_ends_their_branch():
     cifar = timm.create_model('sd_resnet20')
     imagenet = timm.create_model('sd_resnet50')
-    assert all(b.branch_norm() is b.bn2 for b in cifar.layer1)
-    assert all(b.branch_norm() is b.bn3 for b in imagenet.layer1)
+    assert all(b.branch_norm() is b.bn2 and b.output_activation() is b.act2 for b in cifar.layer1)
+    assert all(b.branch_norm() is b.bn3 and b.output_activation() is b.act3 for b in imagenet.layer1)
     block = imagenet.layer1[0]
     block.zero_init_last()
     assert torch.count_nonzero(block.bn3.weight) == 0
