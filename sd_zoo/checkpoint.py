@@ -16,15 +16,13 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, WeightsError
-from .files import atomic_write, decode_metadata, encode_metadata, refuse_pickle
-
-PathLike = Union[str, Path]
+from .files import PathLike, atomic_write, decode_metadata, encode_metadata, refuse_pickle
 
 
 def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -37,18 +35,6 @@ def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def weights_metadata(model: nn.Module, model_name: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
-    """The metadata that lets :func:`sd_zoo.load_model` rebuild ``model`` exactly."""
-    name = model_name or getattr(model, 'pretrained_cfg', {}).get('architecture')
-    if not name:
-        raise ConfigError('cannot tell the architecture of this model: pass model_name=')
-    meta: Dict[str, Any] = dict(model=name, num_classes=str(model.num_classes), in_chans=str(getattr(model, 'in_chans', 3)))
-    if hasattr(model, 'sd_config'):
-        meta['model_args'] = model.sd_config()
-    meta.update(extra)
-    return meta
-
-
 def _canonical(blob: bytes) -> bytes:
     """A safetensors file with its JSON header re-serialised in sorted key order (same tensors, same offsets)."""
     (n,) = struct.unpack('<Q', blob[:8])
@@ -58,15 +44,20 @@ def _canonical(blob: bytes) -> bytes:
 
 
 def save_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = None, **extra: Any) -> Path:
-    """Write the model's state dict as safetensors with sd-zoo's metadata, atomically and reproducibly."""
+    """Write the model's state dict as safetensors with the metadata that lets :func:`sd_zoo.load_model`
+    rebuild ``model`` exactly, atomically and reproducibly."""
     from safetensors.torch import save
 
-    path = Path(path)
+    name = model_name or getattr(model, 'pretrained_cfg', {}).get('architecture')
+    if not name:
+        raise ConfigError('cannot tell the architecture of this model: pass model_name=')
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = weights_metadata(model, model_name, **extra)
-    meta['tensors_sha256'] = tensors_sha256(state)
+    meta = dict(model=name, num_classes=str(model.num_classes), in_chans=str(getattr(model, 'in_chans', 3)))
+    if hasattr(model, 'sd_config'):
+        meta['model_args'] = model.sd_config()
+    meta.update(extra, tensors_sha256=tensors_sha256(state))
     blob = _canonical(save(state, metadata=dict(encode_metadata(meta), format='pt')))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: tmp.write_bytes(blob))
 
 
@@ -100,21 +91,17 @@ def load_state_dict(path: PathLike, sha256: Optional[str] = None) -> Dict[str, t
     path = Path(path)
     meta = read_metadata(path)
     blob = path.read_bytes()
-    if sha256 is not None:
-        actual = hashlib.sha256(blob).hexdigest()
-        if actual != sha256:
-            raise WeightsError(f'{path} is corrupt: its sha256 is {actual}, but {sha256} was recorded for it; '
-                               f'delete it and download or rebuild it')
+    if sha256 is not None and (actual := hashlib.sha256(blob).hexdigest()) != sha256:
+        raise WeightsError(f'{path} is corrupt: its sha256 is {actual}, but {sha256} was recorded for it; '
+                           f'delete it and download or rebuild it')
     try:
         state = load(blob)
     except Exception as e:
         raise _unreadable(path, e) from e
     recorded = meta.get('tensors_sha256')
-    if recorded is not None:
-        actual = tensors_sha256(state)
-        if actual != recorded:
-            raise WeightsError(f'{path} is corrupt: its tensors digest to {actual}, but the file records {recorded}; '
-                               f'delete it and download or rebuild it')
+    if recorded is not None and (actual := tensors_sha256(state)) != recorded:
+        raise WeightsError(f'{path} is corrupt: its tensors digest to {actual}, but the file records {recorded}; '
+                           f'delete it and download or rebuild it')
     return state
 
 

@@ -10,31 +10,17 @@ import sys
 from .errors import SDZooError
 
 # Modules that contribute subcommands, in the order they appear in ``sd-zoo --help``.
-_COMMAND_MODULES = (
-    'sd_zoo.train',
-    'sd_zoo.evaluate',
-    'sd_zoo.onnx_export',
-    'sd_zoo.onnx_validate',
-    'sd_zoo.prune_curve',
-    'sd_zoo.hub',
-    'sd_zoo.demo',
-    'sd_zoo.schedule_plot',
-    'sd_zoo.metrics_plot',
-    'sd_zoo.timm_scripts',
-)
+_COMMAND_MODULES = ('train', 'evaluate', 'onnx_export', 'onnx_validate', 'prune_curve', 'hub', 'demo',
+                    'schedule_plot', 'metrics_plot', 'timm_scripts')
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='sd-zoo',
-        description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.',
-    )
+        prog='sd-zoo', description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.')
     parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in _COMMAND_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        importlib.import_module(name).add_parser(subparsers)
+        importlib.import_module(f'sd_zoo.{name}').add_parser(subparsers)
     return parser
 
 

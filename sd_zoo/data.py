@@ -1,17 +1,14 @@
 """CIFAR data for training and evaluation: find the files, decode them once, split, and augment on the device.
 
-Datasets (``load_split(name, split)`` returns uint8 images [N, 32, 32, 3] (HWC, RGB) and int64 labels):
+Datasets (:data:`DATASETS`; :func:`load_split` gives uint8 images [N, 32, 32, 3] and int64 labels):
 
-* ``cifar10``, ``cifar100``: the lossless originals in torchvision's layout (``cifar-10-batches-py/``,
-  ``cifar-100-python/``), the paper's setting;
-* ``cifar10-jpeg75``, ``cifar100-jpeg75``: JPEG quality-75 copies (``train|test/<class>/*.jpg`` in a
-  tar.gz). JPEG loses information, so their accuracies are not comparable with the paper's numbers:
-  quote them as "CIFAR-10 (JPEG-75 copy)". Decoded once and cached as .npz under ``$SD_ZOO_CACHE``
-  (default ``~/.cache/sd_zoo``), keyed by the archive's sha256;
+* ``cifar10``, ``cifar100``: the lossless originals in torchvision's layout, the paper's setting;
+* ``cifar10-jpeg75``, ``cifar100-jpeg75``: JPEG quality-75 copies (``train|test/<class>/*.jpg`` in a tar.gz).
+  JPEG loses information, so quote their accuracies as "CIFAR-10 (JPEG-75 copy)", not as the paper's.
+  Decoded once and cached as .npz under ``$SD_ZOO_CACHE`` (default ``~/.cache/sd_zoo``), keyed by sha256;
 * ``cifar10-lossless4000``: the first 4,000 lossless CIFAR-10 training images (train split only).
 
 Files are looked up in ``$SD_ZOO_DATA``, by default ``../shared/data`` next to the repository checkout.
-
 Training follows the paper: 45k/5k train/validation split of the training set with a fixed seed,
 4-pixel zero padding + random 32x32 crop + horizontal flip, done batched on tensors by :class:`Loader`.
 """
@@ -171,7 +168,7 @@ def _read_pickle_split(folder: Path, split: str) -> Tuple[np.ndarray, np.ndarray
 def _read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            return f['x'], f['y'].astype(np.int64)
+            return f['x'], f['y']
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         raise DataNotFoundError(f'{path} is not a readable .npz with arrays x and y ({e})') from None
 
@@ -193,16 +190,10 @@ def verify_archive(path: Path, expected: Optional[str]) -> str:
     return digest
 
 
-def cache_path(archive: Path, digest: str) -> Path:
-    stem = archive.name.split('.')[0]
-    return cache_dir() / f'{stem}-{digest[:16]}.npz'
-
-
-def _cached_jpeg_archive(archive: Path, n_classes: int,
-                         sha256: Optional[str] = None) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+def _cached_jpeg_archive(archive: Path, n_classes: int, sha256: Optional[str]) -> Dict[str, Tuple[np.ndarray, ...]]:
     """Both splits of a JPEG archive, from the cache when it matches the archive's verified sha256."""
     digest = verify_archive(archive, sha256)
-    cache = cache_path(archive, digest)
+    cache = cache_dir() / f'{archive.name.split(".")[0]}-{digest[:16]}.npz'
     try:
         with np.load(cache, allow_pickle=False) as f:
             if str(f['sha256']) != digest:
@@ -218,12 +209,12 @@ def _cached_jpeg_archive(archive: Path, n_classes: int,
     print(f'sd-zoo: decoding {archive.name} once (cached as {cache})', file=sys.stderr)
     splits = _decode_jpeg_archive(archive, n_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic, so a concurrent reader (another DDP rank, another run) never sees half a file.
-    (train_x, train_y), (test_x, test_y) = splits['train'], splits['test']
+    arrays = {f'{s}_{k}': a for s, xy in splits.items() for k, a in zip('xy', xy)}
 
     def write(tmp: Path) -> None:
         with open(tmp, 'wb') as f:
-            np.savez(f, sha256=np.array(digest), train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+            np.savez(f, sha256=np.array(digest), **arrays)
+    # Atomic, so a concurrent reader (another DDP rank, another run) never sees half a file.
     atomic_write(cache, write)
     return splits
 
@@ -321,12 +312,6 @@ def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torc
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator of one epoch's shuffle and augmentation: a resumed run replays the same batches."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 class Loader:
     """Batches from a uint8 image set held as one tensor on the device.
 
@@ -350,16 +335,17 @@ class Loader:
 
     def epoch(self, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        gen = epoch_generator(self.seed, epoch)
+        # One CPU generator per (seed, epoch) for shuffle and augmentation: a resumed run replays the same batches.
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state))
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            if self.train:
+            keep = torch.arange(len(idx)).tensor_split(self.world_size)[self.rank]
+            mine = idx[keep].to(self.images.device)
+            x = normalize(self.images[mine], self.mean, self.std)
+            if self.train:  # drawn for the global batch, so that every rank's generator stays in step
                 offsets = torch.randint(0, 2 * PAD + 1, (len(idx), 2), generator=gen)
                 flips = torch.rand(len(idx), generator=gen) < 0.5
-            keep = torch.arange(len(idx)).tensor_split(self.world_size)[self.rank]
-            idx = idx[keep].to(self.images.device)
-            x = normalize(self.images[idx], self.mean, self.std)
-            if self.train:
                 x = augment(x, offsets[keep], flips[keep])
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+            yield x.contiguous(memory_format=self.memory_format), self.labels[mine]

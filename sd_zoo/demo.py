@@ -21,19 +21,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import pretrained
+from . import data, pretrained
 from .errors import ConfigError, DataNotFoundError, WeightsError
-
-DEFAULT_MODEL = 'sd_resnet20.c10j75'
-DEFAULT_DATA = 'cifar10-jpeg75'
+from .loader import load_model
 
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
     """(model in eval mode, where its weights came from, whether they are trained)."""
-    from .loader import load_model
-
     if weights:
-        return load_model(weights), f'{weights}', True
+        return load_model(weights), str(weights), True
     try:
         model = load_model(name)
     except WeightsError as e:
@@ -49,7 +45,6 @@ def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.
 
 
 def class_names(model) -> Optional[List[str]]:
-    from . import data
     names = model.pretrained_cfg.get('label_names')
     if names:
         return list(names)
@@ -74,8 +69,6 @@ def load_images(paths: Sequence[str], model) -> torch.Tensor:
 
 def demo_inputs(args, model) -> Tuple[Any, Optional[np.ndarray], str]:
     """(images: uint8 NHWC array or normalised float NCHW tensor, labels or None, description)."""
-    from . import data
-
     if args.images:
         return load_images(args.images, model), None, f'{len(args.images)} image file(s)'
     if not args.random:
@@ -123,8 +116,7 @@ def run_demo(args) -> Dict[str, Any]:
     images, labels, what = demo_inputs(args, model)
     print(f'inputs: {what}')
 
-    uint8 = isinstance(images, np.ndarray)
-    torch_fn = model_logits_fn(model, cfg['mean'], cfg['std']) if uint8 else model
+    torch_fn = model_logits_fn(model, cfg['mean'], cfg['std']) if isinstance(images, np.ndarray) else model
     one = images[:1]
     # PyTorch is timed before ONNX Runtime exists: idle ORT worker threads spin for a while after each
     # run and would slow PyTorch's threads down on a small machine.
@@ -160,8 +152,8 @@ def run_demo(args) -> Dict[str, Any]:
               f'(top-1 error {result["pytorch_top1_err"]:.2f}%), '
               f'ONNX Runtime {100 - result["onnxruntime_top1_err"]:.2f}% on {n} images'
               + ('' if trained else ' (untrained model: chance level)'))
-    names = class_names(model)
     if args.images:
+        names = class_names(model)
         probs = torch.as_tensor(torch_logits).softmax(-1)
         for path, p in zip(args.images, probs):
             top = p.topk(min(3, len(p)))
@@ -187,9 +179,9 @@ def add_parser(subparsers) -> None:
         'demo', help='load shipped weights, classify, export to ONNX and compare with ONNX Runtime',
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('images', nargs='*', metavar='IMAGE', help='image files to classify (default: the test set)')
-    p.add_argument('--model', default=DEFAULT_MODEL, help='pretrained name model.tag (default: %(default)s)')
+    p.add_argument('--model', default='sd_resnet20.c10j75', help='pretrained name model.tag (default: %(default)s)')
     p.add_argument('--weights', help='a hub folder (hub_configs/NAME) or a safetensors file to use instead')
-    p.add_argument('--data', default=DEFAULT_DATA, help='test set when no images are given (default: %(default)s)')
+    p.add_argument('--data', default='cifar10-jpeg75', help='test set when no images are given (default: %(default)s)')
     p.add_argument('--limit', type=int, default=1000,
                    help='class-balanced subset of the test set, 0 for all (default: %(default)s)')
     p.add_argument('--random', type=int, metavar='N', help='classify N random images instead of the test set')

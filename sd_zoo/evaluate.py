@@ -50,11 +50,9 @@ def evaluate(logits_fn: LogitsFn, images, labels, batch_size: int = 1000,
     share = torch.arange(len(labels)).tensor_split(world_size)[rank]
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, images
     for chunk in share.split(batch_size):
-        logits = logits_fn(images[chunk])
-        logits = logits if torch.is_tensor(logits) else torch.from_numpy(np.asarray(logits))
+        logits = torch.as_tensor(logits_fn(images[chunk]))
         y = labels[chunk].to(logits.device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == y[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         counts += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(), len(y)], dtype=torch.float64)
     if world_size > 1:
         on = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
@@ -67,17 +65,14 @@ def evaluate(logits_fn: LogitsFn, images, labels, batch_size: int = 1000,
 
 def evaluate_model(model: torch.nn.Module, data_name: str, split: str = 'test', batch_size: int = 1000,
                    limit: Optional[int] = None, root=None) -> Dict[str, float]:
-    """Top-1 / top-5 error of ``model`` on a dataset split (``limit`` images, class-balanced, if given).
-
-    Inputs are normalised as the model's weights expect (``model.pretrained_cfg`` mean and std, which
-    :func:`sd_zoo.load_model` sets to the statistics of the data they were trained on).
-    """
+    """Top-1 / top-5 error of ``model`` on a dataset split (``limit`` images, class-balanced, if given),
+    inputs normalised as its weights expect (:func:`normalization`)."""
     images, labels = load_eval_split(data_name, split, limit, root)
     return evaluate(model_logits_fn(model, *normalization(model)), images, labels, batch_size)
 
 
 def normalization(model: torch.nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
-    """(mean, std) the model's weights expect."""
+    """(mean, std) the model's weights expect: its ``pretrained_cfg``'s, which :func:`sd_zoo.load_model` sets."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return tuple(cfg.get('mean', data.CIFAR10_MEAN)), tuple(cfg.get('std', data.CIFAR10_STD))
 
@@ -116,9 +111,9 @@ def _load_onnx(path: str, device: str) -> LogitsFn:
     return OnnxClassifier(path, provider='cuda' if device.startswith('cuda') else 'cpu')
 
 
-def _check_args(args) -> None:
-    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--limit', args.limit, 0),
-                             ('--num-threads', args.num_threads, 1)):
+def check_at_least(*checks) -> None:
+    """ConfigError for the first ``(flag, value, low)`` whose value is given and below ``low``."""
+    for flag, value, low in checks:
         if value is not None and value < low:
             raise ConfigError(f'{flag} must be >= {low}, got {value}')
 
@@ -148,7 +143,8 @@ def _build(args) -> Tuple[LogitsFn, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
+    check_at_least(('--batch-size', args.batch_size, 1), ('--limit', args.limit, 0),
+                   ('--num-threads', args.num_threads, 1))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.mc_samples is not None:  # depth sampling needs the PyTorch model itself, not a logits function
@@ -159,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
     logits_fn, name = _build(args)
     images, labels = load_eval_split(args.data, args.split, args.limit)
     result = evaluate(logits_fn, images, labels, args.batch_size)
-    title = data.dataset_info(args.data).title
-    print(f'{name} on {title} {args.split} ({result["n"]} images): '
+    print(f'{name} on {data.dataset_info(args.data).title} {args.split} ({result["n"]} images): '
           f'top-1 error {result["top1_err"]:.2f}%, top-5 error {result["top5_err"]:.2f}%')
     if args.json:
         print(json.dumps(dict(result, model=name, data=args.data, split=args.split)))

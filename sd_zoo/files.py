@@ -1,11 +1,7 @@
 """Files sd-zoo writes and reads: atomic writes, sha256 digests, the pickle guard, and the metadata encoding.
 
-* :func:`atomic_write`: write to a temporary file beside the target, then rename, so that a crash leaves
-  the old file or the new one, never half of one; the result gets the mode any new file gets (umask).
-* :func:`refuse_pickle`: sd-zoo reads weights from safetensors only, since unpickling can run code.
-* :func:`encode_metadata` / :func:`decode_metadata`: the ``sd_zoo.*`` string metadata stored in
-  safetensors headers and ONNX ``metadata_props`` alike (JSON values, keys in a fixed order, so the same
-  content always gives the same bytes).
+The ``sd_zoo.*`` string metadata is stored alike in safetensors headers and ONNX ``metadata_props``:
+JSON values, keys in a fixed order, so that the same content always gives the same bytes.
 """
 import hashlib
 import json
@@ -29,11 +25,8 @@ def new_file_mode(base: int = 0o666) -> int:
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file in the target's folder, then rename it over ``path``.
-
-    The temporary name starts with ``.{name}.`` and ends in ``.tmp`` (:func:`remove_stale_temps` finds
-    those a killed process left behind).
-    """
+    """``write(tmp)`` to ``.{name}.{pid}.tmp`` beside ``path``, then rename it over ``path``, so that a crash
+    leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
@@ -68,7 +61,7 @@ def sha256_file(path: PathLike) -> str:
 
 
 def refuse_pickle(path: PathLike) -> None:
-    """Raise :class:`WeightsError` for a pickle-based weights file (``.pth``, ``.bin``, ...)."""
+    """sd-zoo reads weights from safetensors only, since unpickling can run code."""
     if Path(path).suffix in PICKLE_SUFFIXES:
         raise WeightsError(
             f'{path} is a pickle-based checkpoint; sd-zoo loads weights from safetensors only, since unpickling '
@@ -100,11 +93,11 @@ def decode_metadata(raw: Mapping[str, str]) -> Dict[str, Any]:
     """
     meta = {}
     for key, value in raw.items():
-        if not key.startswith(META_PREFIX):
-            continue
-        try:
-            meta[key[len(META_PREFIX):]] = json.loads(value)
-        except ValueError:
+        if key.startswith(META_PREFIX):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
             meta[key[len(META_PREFIX):]] = value
     legacy = meta.pop('sd_config', None)
     if isinstance(legacy, dict) and 'model_args' not in meta:

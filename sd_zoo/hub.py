@@ -30,12 +30,20 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import timm
+from timm.models import get_pretrained_cfg, save_for_hf
 
-from . import pretrained
+from . import checkpoint as ckpt, data, pretrained
 from .errors import ConfigError, SDZooError, WeightsError
-from .files import new_file_mode, sha256_file
+from .evaluate import evaluate_model
+from .files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
+from .loader import load_model
+from .model_card import TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, \
+    render_card
+from .prune_curve import pruning_table
+from .schedule_plot import plot_schedule
 
 WEIGHTS = pretrained.WEIGHTS_FILE
 SCHEDULE_PNG = 'survival_schedule.png'
@@ -45,18 +53,11 @@ OPTIONAL_FILES = (CURVES_PNG,)
 # pretrained_cfg fields of a folder's config.json that must agree with the registered cfg of its tag.
 CFG_FIELDS = ('num_classes', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'first_conv', 'classifier')
 
-PathLike = Union[str, Path]
-
 
 def default_out() -> Path:
     """The checkout's hub_configs/ when running from a checkout, else ./hub_configs."""
     return pretrained.SHIPPED_DIR if pretrained.SHIPPED_DIR.parent.joinpath('pyproject.toml').exists() \
         else Path('hub_configs')
-
-
-def is_shipped(folder: PathLike) -> bool:
-    """True for a folder of the checkout's hub_configs/, which the packaged manifest describes."""
-    return Path(folder).resolve().parent == pretrained.SHIPPED_DIR.resolve()
 
 
 def shipped_folders() -> List[Path]:
@@ -74,7 +75,6 @@ def _read_json(path: Path, what: str) -> Dict[str, Any]:
 
 
 def _data_facts(data_name: str) -> Dict[str, Any]:
-    from . import data
     info = data.dataset_info(data_name)
     return dict(
         data=data_name, data_title=info.title, data_base_title=info.title.split(' (')[0],
@@ -87,10 +87,9 @@ def _data_facts(data_name: str) -> Dict[str, Any]:
 def measure(model, data_name: str, limit: Optional[int] = None) -> Dict[str, Any]:
     """Top-1/top-5 error on the test split, or on its class-balanced subset of ``limit`` images (the
     subset ``sd-zoo train --test-subset N`` reports on)."""
-    from .evaluate import evaluate_model
-
     result = evaluate_model(model, data_name, 'test', limit=limit)
-    return dict(top1_err=result['top1_err'], top5_err=result['top5_err'], num_images=result['n'], limit=limit or None)
+    return dict(split='test', top1_err=result['top1_err'], top5_err=result['top5_err'], num_images=result['n'],
+                limit=limit or None)
 
 
 # --- build ---------------------------------------------------------------------------------------------
@@ -122,7 +121,6 @@ def _duration(seconds: Optional[float]) -> Optional[str]:
 
 
 def _arch_title(arch: str) -> str:
-    import timm
     doc = timm.models.model_entrypoint(arch).__doc__ or ''
     match = re.search(r'(CIFAR )?ResNet-\d+', doc)
     return match.group(0) if match else arch
@@ -131,21 +129,18 @@ def _arch_title(arch: str) -> str:
 def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[str, Any], run_dir: Path,
                  checkpoint_name: str, sha256: str, curves: bool) -> Dict[str, Any]:
     """Everything the model card shows, from the model, its evaluation and the run's files."""
-    from .model_card import count_params_macs, recipe_rows
-
     summary = _read_json(run_dir / 'summary.json', 'run summary')
     run_info = _read_json(run_dir / 'run.json', 'run record') if (run_dir / 'run.json').exists() else {}
     config = dict(summary.get('config') or run_info.get('config') or {})
     cfg = model.pretrained_cfg
     params, macs = count_params_macs(model, tuple(cfg['input_size']))
-    sd = model.sd_config()
     command, output = _reproduce_command(run_dir, run_info, config)
     return dict(
-        name=f'{arch}.{tag}', arch=arch, tag=tag, repo_id=cfg.get('hf_hub_id') or pretrained.hub_id(arch, tag),
+        name=f'{arch}.{tag}', arch=arch, tag=tag, repo_id=cfg['hf_hub_id'],
         arch_title=_arch_title(arch), num_blocks=model.num_blocks,
         stage_blocks=[len(getattr(model, f'layer{i + 1}')) for i in range(model.num_stages)],
         num_classes=model.num_classes, input_size=list(cfg['input_size']), mean=list(cfg['mean']),
-        std=list(cfg['std']), params=params, macs=macs, sd=sd, expected_depth=model.expected_depth,
+        std=list(cfg['std']), params=params, macs=macs, sd=model.sd_config(), expected_depth=model.expected_depth,
         constant_depth=model.expected_depth == model.num_blocks, sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
         val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device')),
@@ -159,9 +154,8 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         **_data_facts(data_name))
 
 
-def _summary_evaluation(run_dir: Path, checkpoint_name: str) -> Dict[str, Any]:
+def _summary_evaluation(run_dir: Path, summary: Dict[str, Any], checkpoint_name: str) -> Dict[str, Any]:
     """The test error the run itself measured for the shipped checkpoint (``--skip-eval``)."""
-    summary = _read_json(run_dir / 'summary.json', 'run summary')
     config = summary.get('config') or {}
     if config.get('test_subset'):
         raise ConfigError(f'{run_dir} tested on a class-balanced subset of {config["test_subset"]} images; evaluate '
@@ -169,17 +163,12 @@ def _summary_evaluation(run_dir: Path, checkpoint_name: str) -> Dict[str, Any]:
     key = 'test_err_at_best_val' if checkpoint_name == 'best.safetensors' else 'final_test_err'
     if summary.get(key) is None:
         raise ConfigError(f'{run_dir}/summary.json has no {key}; evaluate the weights instead of --skip-eval')
-    return dict(top1_err=summary[key], top5_err=None, num_images=None, limit=None,
+    return dict(split='test', top1_err=summary[key], top5_err=None, num_images=None, limit=None,
                 measured_by='the training run (summary.json)')
 
 
 def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, tag: Optional[str]):
     """The weights as the registered ``model.tag`` they are published as, after checking the two agree."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    from .loader import load_model
-
     model = load_model(checkpoint, model_name=model_name)
     arch = model.pretrained_cfg['architecture']
     tag = tag or pretrained.tag_for(data_name, model.sd_config())
@@ -188,9 +177,9 @@ def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, t
     if registered is None:
         raise ConfigError(f'{name} is not a registered pretrained tag; register it in the model file first '
                           f'(known: {", ".join(timm.list_pretrained(arch + ".*")) or "none"})')
-    if pretrained.tag_info(tag).data != data_name:
-        raise ConfigError(f'{name} means weights trained on {pretrained.tag_info(tag).data}; these were trained '
-                          f'on {data_name}')
+    tag_data = pretrained.tag_info(tag).data
+    if tag_data != data_name:
+        raise ConfigError(f'{name} means weights trained on {tag_data}; these were trained on {data_name}')
     expected = timm.create_model(name).sd_config()
     if expected != model.sd_config():
         raise ConfigError(f'these weights were trained with {model.sd_config()}, but create_model("{name}") builds '
@@ -203,38 +192,19 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
           tag: Optional[str] = None, out: Optional[PathLike] = None, evaluate: bool = True,
           limit: Optional[int] = None, manifest: Optional[PathLike] = None, force: bool = False,
           pruning_rows: int = 7) -> Path:
-    """Write ``out/<model>.<tag>/`` from a training run; returns the folder.
+    """Write ``out/<model>.<tag>/`` from a folder written by ``sd-zoo train``; returns the folder.
 
-    Args:
-        run_dir: a folder written by ``sd-zoo train`` (summary.json, run.json, best/final.safetensors).
-        checkpoint: the weights to ship (default: the run's best.safetensors, else final.safetensors).
-        model_name: architecture, for weights without sd-zoo metadata.
-        tag: pretrained tag (default: the tag of ``sd_zoo.pretrained.TAGS`` that means the weights' data
-            and settings).
-        out: parent folder (default: the checkout's hub_configs/).
-        evaluate: measure the test error of the weights (else take the run's number).
-        limit: evaluate a class-balanced subset of this many test images.
-        manifest: JSON manifest to record the weight in (the packaged one for the checkout's folders).
-        force: replace an existing folder of the same name.
-        pruning_rows: depths of the card's pruning table (error and ONNX Runtime latency; 0 for none).
+    The arguments are those of ``sd-zoo hub build``; ``tag`` defaults to the tag of ``pretrained.TAGS`` that
+    means the weights' data and settings, ``manifest`` (a JSON file to record the weights in) to none.
     """
-    from timm.models import save_for_hf
-
-    from . import checkpoint as ckpt
-    from . import data
-    from .model_card import render_card
-    from .schedule_plot import plot_schedule
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f'run folder {run_dir} not found')
     summary = _read_json(run_dir / 'summary.json', 'run summary')
     if not summary.get('final_epoch'):
         raise ConfigError(f'{run_dir} finished no epoch of training; there is nothing to publish')
-    if checkpoint is None:
-        checkpoint = next((run_dir / f for f in ('best.safetensors', 'final.safetensors') if (run_dir / f).exists()),
-                          run_dir / 'final.safetensors')
-    checkpoint = Path(checkpoint)
+    best = run_dir / 'best.safetensors'
+    checkpoint = Path(checkpoint or (best if best.exists() else run_dir / 'final.safetensors'))
     data_name = ckpt.read_metadata(checkpoint).get('data') or summary.get('data')
     if not data_name:
         raise ConfigError(f'neither {checkpoint} nor the run summary says which data it was trained on')
@@ -244,18 +214,15 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
     folder = out / name
     if folder.exists() and not force:
         raise ConfigError(f'{folder} already exists; pass --force to replace it with weights from {run_dir}')
-    evaluation = dict(measure(model, data_name, limit), split='test', measured_by='sd-zoo hub build') \
-        if evaluate else dict(_summary_evaluation(run_dir, checkpoint.name), split='test')
-    pruning = []
-    if evaluate and pruning_rows:
-        from .prune_curve import pruning_table
-        pruning = pruning_table(model, data_name, limit=limit, rows=pruning_rows)
+    evaluation = dict(measure(model, data_name, limit), measured_by='sd-zoo hub build') if evaluate \
+        else _summary_evaluation(run_dir, summary, checkpoint.name)
+    pruning = pruning_table(model, data_name, limit=limit, rows=pruning_rows) if evaluate and pruning_rows else []
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out))  # built aside, then swapped in whole
     try:
-        label_names = list(data.CIFAR10_CLASSES) if model.num_classes == len(data.CIFAR10_CLASSES) else None
-        save_for_hf(model, tmp, model_config=dict(label_names=label_names) if label_names else None,
+        cifar10 = model.num_classes == len(data.CIFAR10_CLASSES)
+        save_for_hf(model, tmp, model_config=dict(label_names=list(data.CIFAR10_CLASSES)) if cifar10 else None,
                     model_args=model.sd_config(), safe_serialization=True)
         # Same tensors again, now with sd-zoo's metadata, so the file also stands alone (sd-zoo eval).
         ckpt.save_weights(model, tmp / WEIGHTS, arch, data=data_name, tag=tag)
@@ -302,8 +269,6 @@ def _metric_tolerance(card_pct: float, n_fresh: Optional[int], same_images: bool
 
 
 def _check_files(folder: Path) -> List[str]:
-    from .files import PICKLE_SUFFIXES
-
     problems = [f'missing file {f}' for f in REQUIRED_FILES if not (folder / f).is_file()]
     for stray in sorted(folder.iterdir()):
         if stray.name not in REQUIRED_FILES + OPTIONAL_FILES:
@@ -314,9 +279,6 @@ def _check_files(folder: Path) -> List[str]:
 
 def _check_config(folder: Path, config: Dict[str, Any]) -> Tuple[List[str], Any]:
     """Problems of config.json against the registry, and the model its model_args build (None if none)."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
     arch, pcfg = config.get('architecture'), config.get('pretrained_cfg') or {}
     if not arch or not timm.is_model(arch):
         return [f'config.json: architecture {arch!r} is not a registered timm model (an sd-zoo model needs '
@@ -349,24 +311,23 @@ def _check_config(folder: Path, config: Dict[str, Any]) -> Tuple[List[str], Any]
 
 def _check_weights(folder: Path, model, name: str) -> Tuple[List[str], Optional[str], bool]:
     """Problems of model.safetensors (verified load, manifest entry), its sha256, and whether it loaded."""
-    from . import checkpoint as ckpt
-
     weights = folder / WEIGHTS
     if not weights.is_file():
         return [], None, False
     sha256 = sha256_file(weights)
-    problems, loaded = [], True
+    problems = []
     try:
         ckpt.load_into(model, ckpt.load_state_dict(weights), source=f'{folder.name}/{WEIGHTS}')
     except WeightsError as e:
         problems.append(str(e))
-        loaded = False
-    if is_shipped(folder):
+    loaded = not problems
+    if pretrained.is_shipped(folder):
         entry = pretrained.load_manifest().get(name)
         if entry is None:
             problems.append(f'{name} is shipped but not in sd_zoo/published.json (rebuild it with sd-zoo hub build)')
         elif entry.get('sha256') != sha256:
-            problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, the file has {sha256}')
+            problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, '
+                            f'the file has {sha256}')
         elif not _same(entry.get('model_args'), model.sd_config()):
             problems.append(f'sd_zoo/published.json records model_args {entry.get("model_args")} for {name}, the '
                             f'folder builds {model.sd_config()}')
@@ -375,8 +336,6 @@ def _check_weights(folder: Path, model, name: str) -> Tuple[List[str], Optional[
 
 def _check_card(folder: Path, name: str, sha256: Optional[str]):
     """Problems of the model card (README.md), and the card (None if unreadable)."""
-    from .model_card import card_metrics, read_card
-
     try:
         card = read_card(folder / 'README.md')
     except Exception as e:  # huggingface_hub raises ValueError or YAML errors for a broken front matter
@@ -384,10 +343,8 @@ def _check_card(folder: Path, name: str, sha256: Optional[str]):
     meta = card.data.to_dict()
     block = meta.get('sd_zoo') or {}
     problems = []
-    if meta.get('library_name') != 'timm' or not {'image-classification', 'timm', 'stochastic-depth'} <= \
-            set(meta.get('tags') or []):
-        problems.append('README.md: front matter needs library_name: timm and the tags image-classification, '
-                        'timm, stochastic-depth')
+    if meta.get('library_name') != 'timm' or not set(CARD_TAGS) <= set(meta.get('tags') or []):
+        problems.append(f'README.md: front matter needs library_name: timm and the tags {", ".join(CARD_TAGS)}')
     if sha256 and block.get('weights_sha256') != sha256:
         problems.append(f'README.md: sha256 {block.get("weights_sha256")} in the card, but {WEIGHTS} has {sha256}')
     if sha256 and sha256 not in card.text:
@@ -408,18 +365,17 @@ def _check_card(folder: Path, name: str, sha256: Optional[str]):
 
 def _check_metrics(model, card, limit: Optional[int]) -> List[str]:
     """The card's metrics against a fresh evaluation of the weights."""
-    from .model_card import card_metrics, expected_metrics
-
     block = card.data.to_dict().get('sd_zoo') or {}
     card_limit = (block.get('eval') or {}).get('limit')
     metrics = card_metrics(card)
     if not metrics or not block.get('data'):
         return []
+    limit = limit or card_limit
     try:
-        fresh = measure(model, block['data'], limit or card_limit)
+        fresh = measure(model, block['data'], limit)
     except SDZooError as e:
         return [f'cannot evaluate ({e}); pass --skip-eval to check the rest']
-    same_images = (limit or card_limit) == card_limit
+    same_images = limit == card_limit
     problems = []
     for metric, value in expected_metrics(fresh).items():
         if metric not in metrics:
@@ -464,8 +420,7 @@ def check(folder: PathLike, evaluate: bool = True, limit: Optional[int] = None) 
 # --- push ----------------------------------------------------------------------------------------------
 
 def upload_files(folder: PathLike) -> List[str]:
-    folder = Path(folder)
-    return [f for f in REQUIRED_FILES + OPTIONAL_FILES if (folder / f).is_file()]
+    return [f for f in REQUIRED_FILES + OPTIONAL_FILES if (Path(folder) / f).is_file()]
 
 
 def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[str] = None,
@@ -484,12 +439,12 @@ def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[
     files = upload_files(folder)
     if dry_run:
         return [(f, (folder / f).stat().st_size, sha256_file(folder / f)) for f in files]
+    commit_message = commit_message or f'sd-zoo: {folder.name} (weights sha256 {sha256_file(folder / WEIGHTS)[:12]})'
     api = HfApi(endpoint=endpoint, token=token)
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-        return api.upload_folder(
-            repo_id=repo.repo_id, folder_path=folder, allow_patterns=files, repo_type='model',
-            commit_message=commit_message or f'sd-zoo: {folder.name} (weights sha256 {sha256_file(folder / WEIGHTS)[:12]})')
+        return api.upload_folder(repo_id=repo.repo_id, folder_path=folder, allow_patterns=files, repo_type='model',
+                                 commit_message=commit_message)
     except Exception as e:  # connection, authentication and server errors of huggingface_hub and requests
         first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise WeightsError(f'could not push {folder} to {repo_id} on {api.endpoint} ({type(e).__name__}: {first}); '
@@ -499,17 +454,15 @@ def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[
 # --- seed-cache ----------------------------------------------------------------------------------------
 
 def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None) -> List[Path]:
-    """Copy hub folders into the Hugging Face cache, as if downloaded; returns the snapshot folders.
+    """Copy hub folders into the Hugging Face cache, as if downloaded from the repo registered for their tag;
+    returns the snapshot folders.
 
     Layout of huggingface_hub: ``models--ORG--NAME/blobs/<hash>``, ``snapshots/<revision>/<file>`` (links to
     the blobs, copies where links are not possible) and ``refs/main`` naming the revision. The revision
-    is a digest of the files, so reseeding the same folder changes nothing. The repo is the one the
-    registry names for the folder's tag, which ``create_model('model.tag', pretrained=True)`` and
-    ``create_model('hf-hub:sd-zoo/model.tag', pretrained=True)`` read.
+    is a digest of the files, so reseeding the same folder changes nothing.
     """
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
-    from timm.models import get_pretrained_cfg
 
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
     snapshots = []
@@ -517,14 +470,10 @@ def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None
         problems = check(folder, evaluate=False)
         if problems:
             raise WeightsError(f'{folder} fails `sd-zoo hub check`, so it is not cached: {"; ".join(problems)}')
-        pcfg = _read_json(folder / 'config.json', 'config').get('pretrained_cfg') or {}
-        name = f'{_read_json(folder / "config.json", "config").get("architecture")}.{pcfg.get("tag")}'
-        registered = get_pretrained_cfg(name)
-        if registered is None or not registered.hf_hub_id:
-            raise ConfigError(f'{folder}: {name} is not a registered pretrained tag, so no repo to cache it as')
+        repo_id = get_pretrained_cfg(folder.name).hf_hub_id  # check() made sure the folder is named after its model.tag
         files = {f: sha256_file(folder / f) for f in upload_files(folder)}
         revision = hashlib.sha1(''.join(f'{f}:{h}\n' for f, h in sorted(files.items())).encode()).hexdigest()
-        storage = cache / repo_folder_name(repo_id=registered.hf_hub_id, repo_type='model')
+        storage = cache / repo_folder_name(repo_id=repo_id, repo_type='model')
         snapshot = storage / 'snapshots' / revision
         snapshot.mkdir(parents=True, exist_ok=True)
         (storage / 'blobs').mkdir(exist_ok=True)
@@ -532,8 +481,7 @@ def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None
             blob, link = storage / 'blobs' / digest, snapshot / f
             if not blob.exists():
                 shutil.copyfile(folder / f, blob)
-            if link.exists() or link.is_symlink():
-                link.unlink()
+            link.unlink(missing_ok=True)
             try:
                 link.symlink_to(os.path.relpath(blob, link.parent))
             except OSError:  # no symlinks (Windows without developer mode): huggingface_hub copies too

@@ -14,16 +14,17 @@ Every byte of the weights is verified first (``checkpoint.load_state_dict``).
 import argparse
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
+import timm
+from timm.models import split_model_name_tag
 from torch import nn
 
 from . import data
 from .checkpoint import load_into, load_state_dict, read_metadata
 from .errors import ConfigError, WeightsError
-from .files import PICKLE_SUFFIXES, refuse_pickle
+from .files import PICKLE_SUFFIXES, PathLike
 from . import pretrained as registry
-from .pretrained import WEIGHTS_FILE
 
 # The stochastic-depth create_model arguments that the command line sets (one flag each).
 MODEL_ARG_NAMES = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
@@ -34,14 +35,11 @@ _SCHEDULE_ARGS = {'sd_probs': ('drop_path_rate', 'sd_schedule'), 'drop_path_rate
 
 def check_model_name(name: str) -> None:
     """ConfigError naming the sd-zoo models for an unknown architecture, and the tags for an unknown tag."""
-    import timm
-    from timm.models import list_pretrained, split_model_name_tag
-
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise ConfigError(f'unknown model {arch!r}; sd-zoo models: {", ".join(timm.list_models("sd_*"))}')
-    if tag and name not in list_pretrained(arch + '.*'):
-        raise ConfigError(f'unknown pretrained tag {name}; known tags: {", ".join(list_pretrained(arch + ".*"))}')
+    if tag:
+        registry.resolve_tag(arch, tag)
 
 
 def merge_model_args(stored: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -54,22 +52,9 @@ def merge_model_args(stored: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[
     return merged
 
 
-def _with_stats_of(model: nn.Module, data_name: Optional[str], **facts: Any) -> nn.Module:
-    """Record the normalisation of the data the weights were trained on (and ``facts``) in the model's cfg."""
-    cfg = dict(getattr(model, 'pretrained_cfg', {}) or {}, **facts)
-    if data_name in data.DATASETS:
-        info = data.dataset_info(data_name)
-        cfg.update(mean=tuple(info.mean), std=tuple(info.std))
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
-
-
-def load_weights_file(path: Union[str, Path], model_name: Optional[str] = None, **overrides: Any) -> nn.Module:
+def load_weights_file(path: PathLike, model_name: Optional[str] = None, **overrides: Any) -> nn.Module:
     """The network a safetensors file written by sd-zoo was trained as, with its weights (eval mode)."""
-    import timm
-
     path = Path(path)
-    refuse_pickle(path)
     meta = read_metadata(path)
     name = model_name or meta.get('model')
     if not name:
@@ -83,22 +68,24 @@ def load_weights_file(path: Union[str, Path], model_name: Optional[str] = None, 
                       f'Pass drop_path_rate= if it was trained otherwise.')
     model = timm.create_model(name, pretrained=False, **merge_model_args(stored, overrides))
     load_into(model, load_state_dict(path), source=str(path))
-    facts = {k: meta[k] for k in ('tag', 'data', 'init_from') if k in meta}
-    return _with_stats_of(model, meta.get('data'), **facts).eval()
+    cfg = dict(model.pretrained_cfg, **{k: meta[k] for k in ('tag', 'data', 'init_from') if k in meta})
+    if meta.get('data') in data.DATASETS:  # the normalisation the weights were trained with
+        info = data.dataset_info(meta['data'])
+        cfg.update(mean=tuple(info.mean), std=tuple(info.std))
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model.eval()
 
 
-def load_hub_folder(folder: Union[str, Path], **overrides: Any) -> nn.Module:
+def load_hub_folder(folder: PathLike, **overrides: Any) -> nn.Module:
     """A Hub repo folder (config.json + model.safetensors), as ``timm.create_model('local-dir:...')``."""
-    import timm
-
     folder = Path(folder)
-    for needed in ('config.json', WEIGHTS_FILE):
+    for needed in ('config.json', registry.WEIGHTS_FILE):
         if not (folder / needed).is_file():
             raise WeightsError(f'{folder} is not a Hub folder: it has no {needed}')
     return timm.create_model(f'local-dir:{folder}', pretrained=True, **overrides).eval()
 
 
-def load_model(source: Union[str, Path], *, pretrained: bool = True, model_name: Optional[str] = None,
+def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optional[str] = None,
                **overrides: Any) -> nn.Module:
     """A model in eval mode from a name, ``name.tag``, a Hub folder or a weights file; see the module doc.
 
@@ -109,9 +96,6 @@ def load_model(source: Union[str, Path], *, pretrained: bool = True, model_name:
         model_name: architecture of a weights file that does not record it.
         **overrides: ``create_model`` keyword arguments replacing the stored ones (``drop_path_rate=0.2``).
     """
-    import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
     keep = overrides.pop('sd_keep_blocks', None)
     if keep is not None:  # pruning applies to the weights as trained, once they have loaded
         model = load_model(source, pretrained=pretrained, model_name=model_name, **overrides)
@@ -127,9 +111,9 @@ def load_model(source: Union[str, Path], *, pretrained: bool = True, model_name:
     if not pretrained:
         return timm.create_model(name, pretrained=False, **overrides).eval()
     arch, tag = split_model_name_tag(name)
-    tag = tag or getattr(get_pretrained_cfg(arch), 'tag', None)
+    tag = registry.resolve_tag(arch, tag or None)
     shipped = registry.SHIPPED_DIR / f'{arch}.{tag}'
-    if (shipped / WEIGHTS_FILE).is_file():
+    if (shipped / registry.WEIGHTS_FILE).is_file():
         return load_hub_folder(shipped, **overrides)
     return timm.create_model(f'{arch}.{tag}', pretrained=True, **overrides).eval()
 

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from . import data
 from .errors import ConfigError
+from .stochastic_depth import describe_depth
 
 COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:brown')
 
@@ -36,8 +37,6 @@ def _run_record(run_dir) -> Dict:
 
 def run_label(run_dir) -> str:
     """'sd_resnet110 constant depth', 'sd_resnet110 stochastic depth (p_L = 0.5)', or the folder's name."""
-    from .stochastic_depth import describe_depth
-
     record = _run_record(run_dir)
     cfg = record.get('config', {})
     # Runs recorded before model_args was stored keep the rate in their config.
@@ -68,15 +67,13 @@ def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None
     ax_err.set_xlabel('epoch')
     ax_err.set_ylabel('test error (%)')
     ax_loss.set_ylabel('training loss')
-    handles = ax_err.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
-    ax_err.legend(handles, [h.get_label() for h in handles], loc='upper right', fontsize='small')
+    ax_err.legend(handles=ax_err.get_lines() + ax_loss.get_lines(), loc='upper right', fontsize='small')
     if title is None:
         name = _run_record(run_dirs[0]).get('config', {}).get('data') if run_dirs else None
         title = data.DATASETS[name].title if name in data.DATASETS else ''
     ax_err.set_title(title)
-    output = Path(output)
     fig.savefig(output, dpi=150, bbox_inches='tight')
-    return output
+    return Path(output)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,12 +34,12 @@ BIBTEX = """@inproceedings{huang2016deep,
   archivePrefix = {arXiv}
 }"""
 
-# Metrics in the model-index, in the order they appear: (type, name, key of the evaluation dict).
-METRICS = (
-    ('accuracy', 'Top-1 accuracy (%)', 'top1_acc'),
-    ('top1_error', 'Top-1 error (%)', 'top1_err'),
-    ('top5_error', 'Top-5 error (%)', 'top5_err'),
-)
+# Metrics in the model-index, in the order they appear: {type: (name, key of the evaluation dict)}.
+METRICS = {
+    'accuracy': ('Top-1 accuracy (%)', 'top1_acc'),
+    'top1_error': ('Top-1 error (%)', 'top1_err'),
+    'top5_error': ('Top-5 error (%)', 'top5_err'),
+}
 
 
 def round_pct(value: Optional[float]) -> Optional[float]:
@@ -59,28 +59,20 @@ def count_params_macs(model: nn.Module, input_size=(3, 32, 32)) -> Tuple[int, in
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # 1 MAC = 2 FLOPs
 
 
-def eval_results(name: str, facts: Dict[str, Any]):
-    """``model-index`` entries: one result (task, dataset) with the metrics of :data:`METRICS`."""
-    from huggingface_hub import EvalResult
-
-    ev = dict(facts['eval'], top1_acc=100 - facts['eval']['top1_err'])
-    return [EvalResult(
-        task_type='image-classification', task_name='Image Classification',
-        dataset_type=facts['dataset_hub_id'], dataset_name=facts['data_title'],
-        dataset_config=facts['dataset_config'], dataset_split=ev['split'],
-        metric_type=metric, metric_name=title, metric_value=round_pct(ev[key]),
-    ) for metric, title, key in METRICS if ev.get(key) is not None]  # no top-5 from a run's summary
-
-
 def render_card(facts: Dict[str, Any]):
     """The model card (``huggingface_hub.ModelCard``) of one Hub folder.
 
     ``facts`` holds what the template shows; ``sd-zoo hub build`` assembles it (see ``hub.gather_facts``).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    name = facts['name']
     ev = facts['eval']
+    eval_results = [EvalResult(
+        task_type='image-classification', task_name='Image Classification',
+        dataset_type=facts['dataset_hub_id'], dataset_name=facts['data_title'],
+        dataset_config=facts['dataset_config'], dataset_split=ev['split'],
+        metric_type=metric, metric_name=METRICS[metric][0], metric_value=value,
+    ) for metric, value in expected_metrics(ev).items()]
     sd_zoo_block = dict(
         model=facts['arch'], tag=facts['tag'], data=facts['data'], weights_sha256=facts['sha256'],
         model_args=facts['sd'],
@@ -90,8 +82,8 @@ def render_card(facts: Dict[str, Any]):
     )
     card_data = ModelCardData(
         library_name='timm', license=LICENSE, pipeline_tag='image-classification', tags=list(TAGS),
-        datasets=[facts['dataset_hub_id']], metrics=['accuracy'], model_name=name,
-        eval_results=eval_results(name, facts), sd_zoo=sd_zoo_block,
+        datasets=[facts['dataset_hub_id']], metrics=['accuracy'], model_name=facts['name'],
+        eval_results=eval_results, sd_zoo=sd_zoo_block,
     )
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), hub_org=HUB_ORG, paper_id=PAPER_ID, license=LICENSE,
@@ -110,9 +102,10 @@ def card_metrics(card) -> Dict[str, float]:
 
 
 def expected_metrics(evaluation: Dict[str, float]) -> Dict[str, float]:
-    """The model-index values a card should show for an evaluation dict (top1_err, top5_err)."""
+    """The model-index values a card shows for an evaluation dict (top1_err, top5_err; no top-5 from a run's
+    summary), in the order of :data:`METRICS`."""
     ev = dict(evaluation, top1_acc=100 - evaluation['top1_err'])
-    return {metric: round_pct(ev[key]) for metric, _, key in METRICS if ev.get(key) is not None}
+    return {metric: round_pct(ev[key]) for metric, (_, key) in METRICS.items() if ev.get(key) is not None}
 
 
 def recipe_rows(config: Dict[str, Any], device: Optional[str] = None) -> List[Tuple[str, Any]]:
@@ -123,12 +116,11 @@ def recipe_rows(config: Dict[str, Any], device: Optional[str] = None) -> List[Tu
     keys = ('model', 'data', 'recipe', 'epochs', 'batch_size', 'lr', 'schedule', 'milestones', 'gamma',
             'warmup_epochs', 'momentum', 'nesterov', 'weight_decay', 'decay_norm_and_bias', 'label_smoothing',
             'amp', 'drop_path_rate', 'sd_schedule', 'sd_gate', 'sd_rule', 'val_size', 'train_subset', 'seed')
+    cuda = str(device or '').startswith('cuda')
     rows = []
     for key in keys:
         value = config.get(key)
-        if key == 'amp' and not str(device or '').startswith('cuda'):
-            continue
-        if value is None or value == () or value == []:
+        if value in (None, (), []) or key == 'amp' and not cuda:
             continue
         if isinstance(value, (list, tuple)):
             value = ', '.join(str(v) for v in value)

@@ -1,30 +1,25 @@
 """`sd-zoo export`: a stochastic-depth ResNet's expected-value network as a clean ONNX graph.
 
-At test time the paper replaces each block's random gate by its expectation: block l computes
-``act(shortcut + p_l * f_l(x))`` (paper rule), or ``act(shortcut + f_l(x))`` (inverted rule, where
-training already divided by p_l). The branch f_l ends in a BatchNorm, which is affine in eval mode,
-so ``p_l * BN(z) = BN'(z)`` with gamma and beta multiplied by p_l: folding p_l into them is exact
-and leaves a graph with the operators of a plain ResNet of the same depth, no Mul and nothing random.
+At test time block l computes ``act(shortcut + p_l * f_l(x))`` (paper rule), or ``act(shortcut + f_l(x))``
+(inverted rule, where training already divided by p_l). f_l ends in a BatchNorm, affine in eval mode, so
+folding p_l into its gamma and beta is exact and leaves the operators of a plain ResNet of the same depth,
+no Mul and nothing random. The CIFAR nets' parameter-free transition shortcuts become equivalent 1x1
+strided convs (:func:`shortcuts_as_convs`), so a CIFAR graph is Conv, Relu, Add and a head.
 
-:func:`export_onnx` (and ``sd-zoo export``) exports from an eval-mode deep copy (the caller's model
-is never modified), then checks the file before it replaces the output: no random operator,
-``onnx.checker`` full check, and ONNX Runtime output against PyTorch eval on a probe batch (within
-``FP32_RTOL`` of the logit scale for fp32; for fp16, no weight or probe activation beyond float16's
-range and finite outputs).
-
-The exporter is ``torch.onnx.export(dynamo=True)``: its graph is clean (BatchNorm constant-folded
-into the convolutions). The TorchScript exporter is the fallback when the dynamo path fails;
-``exporter=`` picks one explicitly. One more exact rewrite helps ONNX Runtime: the CIFAR nets'
-parameter-free transition shortcuts (subsample + zero channel padding) become 1x1 strided convs with
-0/1 weights (:func:`shortcuts_as_convs`), so a CIFAR graph is Conv, Relu, Add and a head.
+:func:`export_onnx` exports an eval-mode deep copy (the caller's model is never modified) with
+``torch.onnx.export(dynamo=True)``, or TorchScript when that fails (``exporter=`` picks one), then checks
+the file before it replaces the output: no random operator, ``onnx.checker`` full check, and ONNX Runtime
+against PyTorch eval on a probe batch (within ``FP32_RTOL`` of the logit scale for fp32; for fp16, no
+weight or probe activation beyond float16's range and finite outputs).
 """
 import argparse
+import io
 import json
 import os
 import warnings
 from collections import Counter
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -48,7 +43,6 @@ RANDOM_OPS = frozenset({
 EXPORTERS = ('auto', 'dynamo', 'torchscript')
 # The dynamo exporter emits opset 18 and up (asked for less, it silently keeps 18); ORT >= 1.14 runs it.
 MIN_OPSET = 18
-DEFAULT_OPSET = 18
 TORCHSCRIPT_MAX_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
 # fp32 parity: max |ORT - PyTorch| must stay within this fraction of max(1, max |logit|).
@@ -56,33 +50,14 @@ FP32_RTOL = 1e-4
 PROBE_BATCH = 4
 # A protobuf cannot exceed 2 GiB; every sd-zoo model is far below (ResNet-1202: 78 MB).
 MAX_SINGLE_FILE_BYTES = 2 ** 31 - 2 ** 20
-
-
-# --- Folding the survival probabilities -----------------------------------------------------------
-
 _STOCK_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def branch_output_norm(block: nn.Module) -> Optional[nn.Module]:
-    """The block's last branch norm if p_l folds into it exactly, else None.
-
-    That needs a stock torch norm with affine weight and bias (output ``z * weight + bias``) as the
-    branch's output (``block.branch_norm()`` says which layer that is, or None if there is none).
-    """
-    norm = block.branch_norm()
-    stock = isinstance(norm, _STOCK_NORMS) and type(norm).__module__.startswith('torch.nn')
-    if stock and norm.weight is not None and norm.bias is not None:
-        return norm
-    return None
-
-
 def fold_survival_probs(model: nn.Module) -> Tuple[int, List[str]]:
-    """Fold each block's eval-time branch scale into its last norm, in place, and open every gate.
+    """Fold each paper-rule p_l < 1 into gamma and beta of its branch's last norm, in place, and open every gate.
 
-    Paper-rule blocks with p_l < 1 get gamma and beta of the branch's last norm multiplied by p_l and
-    their survival probability set to 1.0, so that the eval forward is a plain residual sum. Inverted-rule
-    gates are already identities in eval and are just set to 1.0. Returns the number of folded blocks
-    and the names of blocks that could not be folded (they keep their multiplication by p_l).
+    Inverted-rule gates are already identities in eval. Returns the number of folded blocks and the names
+    of blocks that could not be folded (they keep their multiplication by p_l, with a warning).
     """
     folded, kept = 0, []
     with torch.no_grad():
@@ -91,26 +66,25 @@ def fold_survival_probs(model: nn.Module) -> Tuple[int, List[str]]:
             if not isinstance(gate, StochasticDepth):
                 continue
             if gate.rule == 'paper' and gate.survival_prob != 1.0:
-                norm = branch_output_norm(block)
-                if norm is None:
+                # Exact only for a stock torch norm with affine weight and bias as the branch's output.
+                norm = block.branch_norm()
+                if not (isinstance(norm, _STOCK_NORMS) and type(norm).__module__.startswith('torch.nn')
+                        and norm.weight is not None and norm.bias is not None):
                     kept.append(name)
                     continue
                 norm.weight.mul_(gate.survival_prob)
                 norm.bias.mul_(gate.survival_prob)
                 folded += 1
             gate.survival_prob = 1.0
+    if kept:
+        warnings.warn(
+            f'{len(kept)} blocks ({", ".join(kept[:4])}{", ..." if len(kept) > 4 else ""}) cannot fold their '
+            f'survival probability into a norm layer and keep a Mul in the exported graph')
     return folded, kept
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
     return deepcopy(model).eval().float().cpu()
-
-
-def _warn_unfolded(kept: List[str]) -> None:
-    if kept:
-        warnings.warn(
-            f'{len(kept)} blocks ({", ".join(kept[:4])}{", ..." if len(kept) > 4 else ""}) cannot fold their '
-            f'survival probability into a norm layer and keep a Mul in the exported graph')
 
 
 def shortcuts_as_convs(model: nn.Module) -> int:
@@ -133,19 +107,16 @@ def shortcuts_as_convs(model: nn.Module) -> int:
 def expected_value_model(model: nn.Module) -> nn.Module:
     """An eval-mode float32 CPU deep copy of ``model`` with the survival probabilities folded in."""
     copy = _eval_copy(model)
-    _warn_unfolded(fold_survival_probs(copy)[1])
+    fold_survival_probs(copy)
     return copy
 
-
-# --- ONNX graph checks ----------------------------------------------------------------------------
 
 def _all_nodes(graph):
     """Nodes of a graph and of every subgraph (If / Loop bodies) inside it."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
-            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField('g') else [])
-            for sub in subgraphs:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField('g') else []):
                 yield from _all_nodes(sub)
 
 
@@ -167,14 +138,10 @@ def check_no_random_ops(proto) -> None:
             f'that eval mode does not disable?')
 
 
-# --- Building the model ---------------------------------------------------------------------------
-
 def _display_name(model: nn.Module) -> str:
     # The architecture only: a module's default-cfg tag says nothing about the weights it holds.
     return (getattr(model, 'pretrained_cfg', {}) or {}).get('architecture', type(model).__name__)
 
-
-# --- Export ---------------------------------------------------------------------------------------
 
 @dataclass
 class ExportReport:
@@ -194,7 +161,7 @@ class ExportReport:
     max_abs_diff: float          # max |ORT - PyTorch eval| on the probe batch
     tolerance: Optional[float]   # fp32 only: FP32_RTOL * max(1, logit_scale)
     top1_agreement: float        # ORT vs PyTorch argmax on the probe batch
-    metadata: Dict[str, str] = field(default_factory=dict)
+    metadata: Dict[str, str]
 
     def summary(self) -> str:
         ops = ', '.join(f'{k} {v}' for k, v in self.op_counts.items())
@@ -208,9 +175,6 @@ class ExportReport:
                 f'  survival probabilities folded in {self.folded_blocks} blocks{kept}\n'
                 f'  operators: {ops}\n'
                 f'  check: {check}')
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def _check_opset(opset: int, exporter: str) -> None:
@@ -239,41 +203,31 @@ def _check_writable(output: Path) -> None:
         raise ExportError(f'cannot write {output}: {output.parent} is not writable; choose another -o/--output')
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool):
-    dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
-    program = torch.onnx.export(
-        model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-    return program.model_proto
-
-
-def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool):
-    import io
-    import onnx
-
-    buf = io.BytesIO()
-    axes = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=DeprecationWarning)
-        warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
-        warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
-        torch.onnx.export(
-            model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
-    return onnx.load_from_string(buf.getvalue())
-
-
 def _trace(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool, exporter: str):
     """The ONNX ModelProto of ``model`` and the name of the exporter that produced it."""
+    import onnx
+
+    names = dict(opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     if exporter in ('auto', 'dynamo'):
         try:
-            return _export_dynamo(model, example, opset, dynamic_batch), 'dynamo'
+            shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
+            program = torch.onnx.export(
+                model, (example,), None, dynamo=True, dynamic_shapes=shapes, optimize=True, verbose=False, **names)
+            return program.model_proto, 'dynamo'
         except Exception as e:  # torch.export raises many error types for unsupported code
             if exporter == 'dynamo' or opset > TORCHSCRIPT_MAX_OPSET:
                 raise ExportError(f'torch.onnx dynamo export failed: {type(e).__name__}: {e}') from e
             warnings.warn(f'dynamo export failed ({type(e).__name__}: {e}); using the TorchScript exporter')
+    buf = io.BytesIO()
+    axes = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}} if dynamic_batch else None
     try:
-        return _export_torchscript(model, example, opset, dynamic_batch), 'torchscript'
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', category=DeprecationWarning)
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
+            warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
+            torch.onnx.export(
+                model, (example,), buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
+        return onnx.load_from_string(buf.getvalue()), 'torchscript'
     except Exception as e:
         raise ExportError(f'torch.onnx TorchScript export failed: {type(e).__name__}: {e}') from e
 
@@ -283,9 +237,8 @@ def convert_to_fp16(proto):
     import onnxscript.ir as ir
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    half = convert_float_to_float16(proto, keep_io_types=True)
     # The converter appends its input and output Casts after the other nodes; ONNX wants a sorted graph.
-    model = ir.from_proto(half)
+    model = ir.from_proto(convert_float_to_float16(proto, keep_io_types=True))
     model.graph.sort()
     return ir.to_proto(model)
 
@@ -301,9 +254,6 @@ def check_fp16_range(proto, example: np.ndarray) -> None:
     from onnx import numpy_helper
     ort = import_onnxruntime()
 
-    fp16_max = float(np.finfo(np.float16).max)
-    weights = [(float(np.abs(numpy_helper.to_array(t)).max(initial=0.0)), t.name) for t in proto.graph.initializer
-               if t.data_type == onnx.TensorProto.FLOAT]
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     known = {o.name for o in probe.graph.output}
@@ -313,11 +263,13 @@ def check_fp16_range(proto, example: np.ndarray) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's output
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=['CPUExecutionProvider'])
     names = [o.name for o in session.get_outputs()]
-    values = session.run(names, {session.get_inputs()[0].name: example})
-    activations = [(float(np.abs(v).max(initial=0.0)), n) for n, v in zip(names, values)
-                   if np.issubdtype(np.asarray(v).dtype, np.floating)]
-    for kind, (peak, name) in (('weight', max(weights, default=(0.0, ''))),
-                               ('activation', max(activations, default=(0.0, '')))):
+    activations = zip(names, session.run(names, {session.get_inputs()[0].name: example}))
+    weights = ((t.name, numpy_helper.to_array(t)) for t in proto.graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT)
+    fp16_max = float(np.finfo(np.float16).max)
+    for kind, arrays in (('weight', weights), ('activation', activations)):
+        peak, name = max(((float(np.abs(v).max(initial=0.0)), n) for n, v in arrays
+                          if np.issubdtype(np.asarray(v).dtype, np.floating)), default=(0.0, ''))
         if not peak <= fp16_max:
             raise ExportError(
                 f'float16 would overflow: {kind} {name!r} reaches {peak:.3g} on a probe batch, beyond float16\'s '
@@ -411,7 +363,7 @@ def export_onnx(
         pretrained: bool = False,
         checkpoint: Optional[Union[str, os.PathLike]] = None,
         model_args: Optional[Dict[str, Any]] = None,
-        opset: int = DEFAULT_OPSET,
+        opset: int = MIN_OPSET,
         fp16: bool = False,
         batch: Union[str, int] = 'dynamic',
         exporter: str = 'auto',
@@ -460,7 +412,6 @@ def export_onnx(
         # Logits of the unfolded eval network, so that the parity check covers the folding too.
         reference = export_model(example).numpy()
     folded, unfolded = fold_survival_probs(export_model)
-    _warn_unfolded(unfolded)
     shortcuts_as_convs(export_model)
 
     output = Path(output)
@@ -493,8 +444,6 @@ def export_onnx(
         metadata=metadata, **check)
 
 
-# --- Command line ---------------------------------------------------------------------------------
-
 def parse_batch(value: str) -> Union[str, int]:
     if value == 'dynamic':
         return value
@@ -507,15 +456,17 @@ def parse_batch(value: str) -> Union[str, int]:
     return n
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``sd-zoo export`` (which export/onnx_export.py runs)."""
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'export', help='export the expected-value network to ONNX', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='registered name, optionally with a tag: sd_resnet110, sd_resnet110.c10j75 '
                                    '(optional with --checkpoint, whose metadata names it)')
     src = p.add_mutually_exclusive_group()
     src.add_argument('--pretrained', action='store_true', help="load the tag's published weights")
     src.add_argument('--checkpoint', help='safetensors file written by sd-zoo (its sd settings are folded)')
     p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
-    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
+    p.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
     p.add_argument('--fp16', action='store_true', help='float16 weights and compute, float32 input and output')
     p.add_argument('--batch', type=parse_batch, default='dynamic', help='"dynamic" (default) or a fixed batch size')
     add_model_arguments(p)
@@ -532,6 +483,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                                                          'order (default for importance: what the weights saw)')
     g.add_argument('--calibration-images', type=int, default=CALIBRATION_IMAGES, metavar='N',
                    help='training images that calibrate --int8 (default %(default)s)')
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -544,16 +496,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         report, int8 = export(args.output), None
     print(report.summary())
+    result = asdict(report)
     if int8 is not None:
         print(int8.summary())
+        result['int8'] = int8.to_dict()
     if args.json:
-        print(json.dumps(dict(report.to_dict(), int8=int8.to_dict()) if int8 else report.to_dict()))
+        print(json.dumps(result))
     return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'export', help='export the expected-value network to ONNX', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_export_arguments(p)
-    p.set_defaults(func=run)

@@ -6,10 +6,9 @@ stored in the file) or with a float32 NCHW batch that is already normalised; it 
 
 CPU sessions use full graph optimisation, sequential execution and one thread per physical core,
 which together make the exported network several times faster than PyTorch eager at batch 1.
-CUDA sessions (``onnxruntime-gpu``) choose cuDNN algorithms by heuristic (no per-shape benchmarking,
-so every session makes the same choice, which bit-identical outputs need), keep TF32 off unless asked, bind
-inputs and outputs on the device, and fail loudly when CUDA cannot be used rather than quietly
-running on the CPU. :func:`time_interleaved` is the latency measurement the ONNX benchmarks share.
+CUDA sessions (``onnxruntime-gpu``) bind inputs and outputs on the device and fail loudly when CUDA
+cannot be used rather than quietly running on the CPU. :func:`time_interleaved` is the latency
+measurement the ONNX benchmarks share.
 """
 import os
 import time
@@ -55,38 +54,6 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(threads: Optional[int] = None, strict_cuda: bool = False, spinning: bool = True):
-    """Session options tuned for inference latency on the CPU (and harmless on CUDA).
-
-    ``spinning=False`` stops idle worker threads from busy-waiting after a run: slightly slower wake-ups,
-    but they no longer take cores from other work in the process (PyTorch, in a benchmark).
-    """
-    ort = import_onnxruntime()
-    so = ort.SessionOptions()
-    # ENABLE_ALL includes the CPU layout pass (blocked NCHWc convolutions with fused Add and ReLU).
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads or physical_cores()
-    so.inter_op_num_threads = 1
-    if not spinning:
-        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    if strict_cuda:
-        # Session creation then fails if any node would be placed on the CPU provider.
-        so.add_session_config_entry('session.disable_cpu_ep_fallback', '1')
-    return so
-
-
-def cuda_provider_options(device_id: int = 0, use_tf32: bool = False) -> Dict[str, str]:
-    return {
-        'device_id': str(device_id),
-        # EXHAUSTIVE benchmarks algorithms per session, so two sessions may pick different kernels and
-        # disagree in the last bits; the heuristic choice is the same every time.
-        'cudnn_conv_algo_search': 'HEURISTIC',
-        'use_tf32': '1' if use_tf32 else '0',
-        'do_copy_in_default_stream': '1',
-    }
-
-
 class OnnxClassifier:
     """An image classifier exported by ``sd-zoo export``, run by ONNX Runtime.
 
@@ -99,7 +66,8 @@ class OnnxClassifier:
         threads: CPU threads for one inference; default one per physical core.
         mean, std: input normalisation for :meth:`predict_uint8`; default the values stored in the file.
         strict_cuda: with CUDA, refuse a graph any of whose nodes ORT would place on the CPU.
-        spinning: let idle CPU worker threads busy-wait for the next run (ORT's default).
+        spinning: let idle CPU worker threads busy-wait for the next run (ORT's default); False gives slightly
+            slower wake-ups but leaves the cores to other work in the process (PyTorch, in a benchmark).
     """
 
     def __init__(
@@ -122,19 +90,31 @@ class OnnxClassifier:
             raise ExportError(f'ONNX file {self.path} does not exist')
         self.provider = provider
         self.device_id = device_id
+        # ENABLE_ALL includes the CPU layout pass (blocked NCHWc convolutions with fused Add and ReLU).
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = threads or physical_cores()
+        so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        providers: List[Any] = ['CPUExecutionProvider']
         if provider == 'cuda':
             if 'CUDAExecutionProvider' not in ort.get_available_providers():
                 raise ConfigError(
                     f'CUDA was requested but this ONNX Runtime ({ort.__version__}, providers: '
                     f'{", ".join(ort.get_available_providers())}) has no CUDAExecutionProvider; '
                     f'install onnxruntime-gpu in place of onnxruntime, or use provider="cpu"')
-            providers: List[Any] = [('CUDAExecutionProvider', cuda_provider_options(device_id, use_tf32))]
-        else:
-            providers = ['CPUExecutionProvider']
+            # EXHAUSTIVE benchmarks algorithms per session, so two sessions may pick different kernels and
+            # disagree in the last bits; the heuristic choice is the same every time.
+            providers = [('CUDAExecutionProvider', dict(
+                device_id=str(device_id), cudnn_conv_algo_search='HEURISTIC', use_tf32='1' if use_tf32 else '0',
+                do_copy_in_default_stream='1'))]
+            if strict_cuda:
+                # Session creation then fails if any node would be placed on the CPU provider.
+                so.add_session_config_entry('session.disable_cpu_ep_fallback', '1')
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, strict_cuda and provider == 'cuda', spinning),
-                providers=providers)
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as e:  # ORT raises its own pybind error types (InvalidProtobuf, Fail, ...)
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f'{self.path} is not an ONNX model that ONNX Runtime can load: {first_line}') from e
@@ -143,12 +123,11 @@ class OnnxClassifier:
             raise ConfigError(
                 f'CUDA was requested but the session runs on {self.session.get_providers()}; check that the '
                 f'CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} needs are installed')
-        self._read_signature()
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        self.mean = tuple(float(v) for v in mean) if mean is not None else self._meta_floats('mean')
-        self.std = tuple(float(v) for v in std) if std is not None else self._meta_floats('std')
-
-    def _read_signature(self) -> None:
+        mean = mean if mean is not None else self.metadata.get('mean')
+        std = std if std is not None else self.metadata.get('std')
+        self.mean = None if mean is None else tuple(float(v) for v in mean)
+        self.std = None if std is None else tuple(float(v) for v in std)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ExportError(
@@ -165,14 +144,6 @@ class OnnxClassifier:
         self.input_dtype = _ORT_TYPES[inp.type]
         self.num_classes = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
 
-    def _meta_floats(self, key: str) -> Optional[tuple]:
-        value = self.metadata.get(key)
-        return tuple(float(v) for v in value) if value is not None else None
-
-    @property
-    def in_chans(self) -> Optional[int]:
-        return self.input_shape[1]
-
     def check_input(self, shape: Sequence[int]) -> None:
         """Raise :class:`InputShapeError` for a batch shape (N, C, H, W) this graph cannot take."""
         expected = ['N' if d is None else d for d in self.input_shape]
@@ -180,7 +151,7 @@ class OnnxClassifier:
             hint = ''
             if len(shape) == 3:
                 hint = ' (a single image? add a batch dimension)'
-            elif len(shape) == 4 and shape[-1] == self.in_chans and shape[1] != self.in_chans:
+            elif len(shape) == 4 and shape[-1] == self.input_shape[1] and shape[1] != self.input_shape[1]:
                 hint = ' (channels-last layout? transpose to NCHW, or pass uint8 NHWC images)'
             raise InputShapeError(
                 f'{self.path.name} takes input of shape ({", ".join(map(str, expected))}), got {tuple(shape)}{hint}')
@@ -226,17 +197,12 @@ class OnnxClassifier:
         self.check_input(x.shape)
         if self.provider == 'cpu':
             return self.session.run([self.output_name], {self.input_name: x})[0]
-        ort = import_onnxruntime()
-        on_device = ort.OrtValue.ortvalue_from_numpy(x, 'cuda', self.device_id)
-        return self.run_ortvalue(on_device).numpy()
-
-    def run_ortvalue(self, x):
-        """Run on an ``OrtValue`` (e.g. already on the GPU); the logits stay where the provider put them."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_name, x)
-        binding.bind_output(self.output_name, 'cuda' if self.provider == 'cuda' else 'cpu', self.device_id)
+        ort = import_onnxruntime()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, 'cuda', self.device_id))
+        binding.bind_output(self.output_name, 'cuda', self.device_id)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        return binding.get_outputs()[0].numpy()
 
     def _run_torch_cuda(self, x):
         import torch

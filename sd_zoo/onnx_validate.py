@@ -9,15 +9,13 @@ probabilities stored in the ONNX file, so both sides compute the same expected-v
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
 from . import data
 from .errors import ConfigError, ExportError
 from .onnx_runtime import PROVIDERS, OnnxClassifier
-
-ReferenceFn = Callable[[Any], Any]
 
 
 def check_fits_dataset(clf: OnnxClassifier, data_name: str, image_shape) -> None:
@@ -36,12 +34,8 @@ def check_fits_dataset(clf: OnnxClassifier, data_name: str, image_shape) -> None
         raise ExportError(f'{clf.path.name} does not fit {data_name}: {"; ".join(problems)}')
 
 
-def pytorch_reference(
-        clf: OnnxClassifier,
-        model_name: Optional[str] = None,
-        checkpoint: Optional[str] = None,
-        pretrained: bool = False,
-) -> ReferenceFn:
+def pytorch_reference(clf: OnnxClassifier, model_name: Optional[str] = None, checkpoint: Optional[str] = None,
+                      pretrained: bool = False) -> Callable[[Any], Any]:
     """uint8 -> logits of the PyTorch model an ONNX file was exported from, with the same normalisation."""
     from .evaluate import model_logits_fn
     from .onnx_export import build_model
@@ -55,44 +49,33 @@ def pytorch_reference(
     return model_logits_fn(model, clf.mean, clf.std)
 
 
-def validate_onnx(
-        path,
-        data_name: str = 'cifar10-jpeg75',
-        split: str = 'test',
-        limit: Optional[int] = None,
-        batch_size: int = 500,
-        provider: str = 'cpu',
-        reference: Optional[ReferenceFn] = None,
-        classifier: Optional[OnnxClassifier] = None,
-) -> Dict[str, Any]:
-    """Top-1 / top-5 error of an ONNX file on a dataset split, and its agreement with ``reference``.
-
-    ``reference`` maps a uint8 batch [B, H, W, C] to logits (a PyTorch model through
+def validate_onnx(path: Union[str, Path, OnnxClassifier], data_name: str = 'cifar10-jpeg75', split: str = 'test',
+                  limit: Optional[int] = None, batch_size: int = 500, provider: str = 'cpu',
+                  reference: Optional[Callable[[Any], Any]] = None) -> Dict[str, Any]:
+    """Top-1 / top-5 error of an ONNX file (or an open :class:`OnnxClassifier`) on a dataset split, and its
+    agreement with ``reference``: a uint8 batch [B, H, W, C] -> logits map (a PyTorch model through
     :func:`pytorch_reference`, or another :class:`OnnxClassifier`).
     """
     from .evaluate import evaluate, load_eval_split
 
-    clf = classifier or OnnxClassifier(path, provider)
+    clf = path if isinstance(path, OnnxClassifier) else OnnxClassifier(path, provider)
     images, labels = load_eval_split(data_name, split, limit)
     check_fits_dataset(clf, data_name, images.shape[1:])
-    stats = dict(agree=0, n=0, max_abs_diff=0.0, ref_scale=0.0)
+    pairs = []  # (ONNX logits, reference logits) per batch
 
     def logits_fn(batch):
         out = clf(batch)
         if reference is not None:
             ref = reference(batch)
-            ref = ref.detach().cpu().numpy() if hasattr(ref, 'detach') else np.asarray(ref)
-            stats['agree'] += int((out.argmax(1) == ref.argmax(1)).sum())
-            stats['n'] += len(out)
-            stats['max_abs_diff'] = max(stats['max_abs_diff'], float(np.abs(out - ref).max()))
-            stats['ref_scale'] = max(stats['ref_scale'], float(np.abs(ref).max()))
+            pairs.append((out, ref.detach().cpu().numpy() if hasattr(ref, 'detach') else np.asarray(ref)))
         return out
 
     result = evaluate(logits_fn, images, labels, batch_size)
-    result.update(data=data_name, split=split, onnx=Path(path).name, provider=provider)
-    if reference is not None:
-        result.update(top1_agreement=100.0 * stats['agree'] / max(stats['n'], 1),
-                      max_abs_diff=stats['max_abs_diff'], reference_logit_scale=stats['ref_scale'])
+    result.update(data=data_name, split=split, onnx=clf.path.name, provider=clf.provider)
+    if pairs:
+        out, ref = (np.concatenate(a) for a in zip(*pairs))
+        result.update(top1_agreement=100.0 * float((out.argmax(1) == ref.argmax(1)).mean()),
+                      max_abs_diff=float(np.abs(out - ref).max()), reference_logit_scale=float(np.abs(ref).max()))
     return result
 
 
@@ -106,24 +89,10 @@ def format_result(r: Dict[str, Any], reference_name: Optional[str] = None) -> st
     return line
 
 
-def run(args: argparse.Namespace) -> int:
-    clf = OnnxClassifier(args.onnx, args.provider)
-    reference, reference_name = None, None
-    if args.compare:
-        reference, reference_name = OnnxClassifier(args.compare, args.provider), Path(args.compare).name
-    elif args.checkpoint or args.model:
-        reference = pytorch_reference(clf, args.model, args.checkpoint, args.pretrained)
-        reference_name = f'PyTorch {args.checkpoint or args.model}'
-    result = validate_onnx(args.onnx, args.data, args.split, args.limit, args.batch_size, args.provider,
-                           reference=reference, classifier=clf)
-    print(format_result(result, reference_name))
-    if args.json:
-        print(json.dumps(result))
-    return 0
-
-
-def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``sd-zoo validate`` (which export/onnx_validate.py runs)."""
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'validate', help='score an ONNX file on a CIFAR split with ONNX Runtime', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('onnx', help='the .onnx file to score')
     p.add_argument('--data', default='cifar10-jpeg75', choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))
@@ -136,11 +105,19 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--model', help='architecture[.tag] of the PyTorch reference (with --checkpoint or --pretrained)')
     p.add_argument('--pretrained', action='store_true', help="the reference uses the tag's published weights")
     p.add_argument('--json', action='store_true', help='print one JSON object last')
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'validate', help='score an ONNX file on a CIFAR split with ONNX Runtime', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_validate_arguments(p)
     p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    clf = OnnxClassifier(args.onnx, args.provider)
+    reference, reference_name = None, None
+    if args.compare:
+        reference, reference_name = OnnxClassifier(args.compare, args.provider), Path(args.compare).name
+    elif args.checkpoint or args.model:
+        reference = pytorch_reference(clf, args.model, args.checkpoint, args.pretrained)
+        reference_name = f'PyTorch {args.checkpoint or args.model}'
+    result = validate_onnx(clf, args.data, args.split, args.limit, args.batch_size, reference=reference)
+    print(format_result(result, reference_name))
+    if args.json:
+        print(json.dumps(result))
+    return 0

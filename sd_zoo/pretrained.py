@@ -2,29 +2,29 @@
 
 :data:`TAGS` is the one table of what a pretrained tag means: the data its weights were trained on and
 the ``create_model`` arguments they were trained with. The model files register their ``default_cfgs``
-from it (one Hub repo per model and tag under :data:`HUB_ORG`), ``create_model('name.tag')`` builds the
-network the tag's weights need, and ``sd-zoo hub build`` names a run's weights after it.
+from it (one Hub repo per model and tag under :data:`HUB_ORG`).
 
 The packaged manifest ``published.json`` records what ``sd-zoo hub build`` built for each published
-``model.tag`` (sha256 of model.safetensors, its model args and test error); ``sd-zoo hub check`` and the
-loaders verify files against it. It never changes how a model is built.
+``model.tag`` (sha256 of model.safetensors, model args, test error); weights are verified against it,
+but it never changes how a model is built.
 
 Weights are found in the Hugging Face cache (a download, or ``sd-zoo hub seed-cache`` from a checkout's
 ``hub_configs/``). When they are not cached, one short probe of the Hub decides: no retries, so that a
 machine without network fails in seconds with a WeightsError rather than after a minute of back-off.
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 from . import data
+from .checkpoint import load_state_dict
 from .errors import ConfigError, WeightsError
-from .files import atomic_write_text, refuse_pickle
+from .files import PathLike, atomic_write_text
 
 HUB_ORG = 'sd-zoo'
 PAPER_ID = 'arXiv:1603.09382'
@@ -42,9 +42,9 @@ class Tag:
     """What a pretrained tag means."""
     data: str                  # the data the weights were trained on (an sd_zoo.data name where it has one)
     model_args: Dict[str, Any]  # create_model arguments of the weights (the rest are the model's defaults)
-    num_classes: int = 10
-    mean: Tuple[float, ...] = data.CIFAR10_MEAN
-    std: Tuple[float, ...] = data.CIFAR10_STD
+    num_classes: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
 
 
 def _data_tag(data_name: str, **model_args) -> Tag:
@@ -79,28 +79,23 @@ def tag_for(data_name: str, model_args: Dict[str, Any]) -> str:
                       f'register one in sd_zoo/pretrained.py TAGS, or pass --tag')
 
 
-def hub_id(model_name: str, tag: str) -> str:
-    return f'{HUB_ORG}/{model_name}.{tag}'
-
-
 def _cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
     info = tag_info(tag)
-    return dict(hf_hub_id=hub_id(model_name, tag), num_classes=info.num_classes, mean=info.mean, std=info.std,
-                first_conv='conv1', classifier='fc', license=LICENSE, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-                **kwargs)
+    return dict(hf_hub_id=f'{HUB_ORG}/{model_name}.{tag}', num_classes=info.num_classes, mean=info.mean, std=info.std,
+                first_conv='conv1', classifier='fc', interpolation='bilinear', license=LICENSE, paper_ids=PAPER_ID,
+                paper_name=PAPER_NAME, **kwargs)
 
 
 def cifar_cfg(model_name: str, tag: str) -> Dict[str, Any]:
-    return _cfg(model_name, tag, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation='bilinear',
+    return _cfg(model_name, tag, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
                 origin_url='https://github.com/yueatsprograms/Stochastic_Depth')
 
 
 def imagenet_cfg(model_name: str, tag: str) -> Dict[str, Any]:
-    return _cfg(model_name, tag, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                interpolation='bilinear')
+    return _cfg(model_name, tag, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875)
 
 
-def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Any]]:
+def load_manifest(path: Optional[PathLike] = None) -> Dict[str, Dict[str, Any]]:
     """``{'model.tag': {'sha256': ..., 'model_args': {...}, 'top1_err': ...}}`` of published weights."""
     path = Path(path or MANIFEST_PATH)
     if not path.exists():
@@ -111,16 +106,12 @@ def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str
         raise ConfigError(f'{path} is not valid JSON ({e}); restore it from version control') from e
 
 
-def write_manifest_entry(name: str, entry: Dict[str, Any], path: Optional[Union[str, Path]] = None) -> None:
+def write_manifest_entry(name: str, entry: Dict[str, Any], path: Optional[PathLike] = None) -> None:
     """Record what was built for ``name`` (sorted, so that rebuilding one entry leaves a one-entry diff)."""
     path = Path(path or MANIFEST_PATH)
     manifest = load_manifest(path)
     manifest[name] = entry
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-
-
-def is_published(name: str) -> bool:
-    return name in load_manifest()
 
 
 def tag_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
@@ -131,15 +122,14 @@ def tag_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
 def resolve_tag(variant: str, pretrained_cfg) -> Optional[str]:
     """The pretrained tag requested through ``create_model('variant.tag')``; a clear error if unknown."""
     if isinstance(pretrained_cfg, str):
-        if f'{variant}.{pretrained_cfg}' not in list_pretrained(f'{variant}.*'):
-            known = ', '.join(list_pretrained(f'{variant}.*')) or 'none'
-            raise ConfigError(f'unknown pretrained tag {variant}.{pretrained_cfg}; known tags: {known}')
+        known = list_pretrained(f'{variant}.*')
+        if f'{variant}.{pretrained_cfg}' not in known:
+            raise ConfigError(f'unknown pretrained tag {variant}.{pretrained_cfg}; '
+                              f'known tags: {", ".join(known) or "none"}')
         return pretrained_cfg
     if pretrained_cfg is None:
-        cfg = get_pretrained_cfg(variant)
-        return cfg.tag if cfg is not None else None
-    tag = pretrained_cfg.get('tag') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'tag', None)
-    return tag
+        pretrained_cfg = get_pretrained_cfg(variant)
+    return pretrained_cfg.get('tag') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'tag', None)
 
 
 def _repo_name(repo_id: str) -> str:
@@ -172,20 +162,8 @@ def _sha256_of_blob(path: str) -> Optional[str]:
     return blob if len(blob) == 64 and all(c in '0123456789abcdef' for c in blob) else None
 
 
-def verified_weights(path: Union[str, Path], sha256: Optional[str] = None, name: Optional[str] = None):
-    """The tensors of a weights file after every check its bytes allow (``checkpoint.load_state_dict``)."""
-    from .checkpoint import load_state_dict
-    try:
-        return load_state_dict(path, sha256=sha256)
-    except WeightsError as e:
-        if name is None:
-            raise
-        raise WeightsError(f'the cached weights of {name} fail their check: {e} (or seed them again with '
-                           f'`sd-zoo hub seed-cache`)') from e
-
-
 def hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: bool = True,
-             cache_dir: Optional[Union[str, Path]] = None) -> str:
+             cache_dir: Optional[PathLike] = None) -> str:
     """Local path of ``filename`` from the Hub repo ``repo_id``: cached, else downloaded; else a WeightsError.
 
     Before a download, unless offline mode forbids it, a single HEAD request without retries
@@ -223,17 +201,22 @@ def hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: b
 
 def _hub_weights(repo_id: str, name: str, published: bool, cache_dir) -> Dict[str, Any]:
     path = hub_file(repo_id, name, published=published, cache_dir=cache_dir)
-    state = verified_weights(path, _sha256_of_blob(path), name)
+    sha256 = _sha256_of_blob(path)
+    try:
+        state = load_state_dict(path, sha256=sha256)
+    except WeightsError as e:
+        raise WeightsError(f'the cached weights of {name} fail their check: {e} (or seed them again with '
+                           f'`sd-zoo hub seed-cache`)') from e
     recorded = load_manifest().get(name, {}).get('sha256')
-    if recorded and recorded != _sha256_of_blob(path):
-        raise WeightsError(f'cached weights of {name} ({path}) have sha256 {_sha256_of_blob(path)}, but '
+    if recorded and recorded != sha256:
+        raise WeightsError(f'cached weights of {name} ({path}) have sha256 {sha256}, but '
                            f'sd_zoo/published.json records {recorded}: delete them from the cache and download '
                            f'or seed them again (`sd-zoo hub seed-cache`)')
     return state
 
 
 def pretrained_state(variant: str, pretrained_cfg, pretrained_cfg_overlay: Optional[Dict],
-                     cache_dir: Optional[Union[str, Path]] = None) -> Optional[Dict[str, Any]]:
+                     cache_dir: Optional[PathLike] = None) -> Optional[Dict[str, Any]]:
     """The verified tensors ``create_model(..., pretrained=True)`` should load, before timm's loader runs.
 
     Fails fast with advice when the weights cannot be had, are corrupt, or would have to be unpickled.
@@ -241,8 +224,7 @@ def pretrained_state(variant: str, pretrained_cfg, pretrained_cfg_overlay: Optio
     """
     overlay = pretrained_cfg_overlay or {}
     if overlay.get('file'):
-        refuse_pickle(overlay['file'])
-        return verified_weights(overlay['file'])
+        return load_state_dict(overlay['file'])
     if overlay.get('state_dict') or overlay.get('url'):
         return None
     if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
@@ -253,26 +235,26 @@ def pretrained_state(variant: str, pretrained_cfg, pretrained_cfg_overlay: Optio
             if not weights.is_file():
                 # timm would fall back to pytorch_model.bin & co., i.e. unpickle
                 raise WeightsError(f'{cfg["file"]} has no {WEIGHTS_FILE}; sd-zoo loads safetensors weights only')
-            return verified_weights(weights, shipped_sha256(weights))
+            return load_state_dict(weights, shipped_sha256(weights))
         if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
             return _hub_weights(cfg['hf_hub_id'], _repo_name(cfg['hf_hub_id']), True, cache_dir)
         return None
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
-    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
-    if cfg.file:
-        refuse_pickle(cfg.file)
-        return verified_weights(cfg.file)
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)  # registered cfgs name no file
     if cfg.url or not cfg.hf_hub_id:
         return None
-    return _hub_weights(cfg.hf_hub_id, name, is_published(name), cache_dir)
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    return _hub_weights(cfg.hf_hub_id, name, name in load_manifest(), cache_dir)
 
 
-def shipped_sha256(weights: Union[str, Path]) -> Optional[str]:
+def is_shipped(folder: PathLike) -> bool:
+    """True for a folder of the checkout's hub_configs/, which the packaged manifest describes."""
+    return Path(folder).resolve().parent == SHIPPED_DIR.resolve()
+
+
+def shipped_sha256(weights: PathLike) -> Optional[str]:
     """The sha256 published.json records for a weights file of the checkout's hub_configs/, else None."""
     folder = Path(weights).resolve().parent
-    if folder.parent != SHIPPED_DIR.resolve():
-        return None
-    return load_manifest().get(folder.name, {}).get('sha256')
+    return load_manifest().get(folder.name, {}).get('sha256') if is_shipped(folder) else None
 
 
 def create_pretrained(model_name: str, **kwargs):

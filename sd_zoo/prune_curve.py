@@ -11,6 +11,7 @@ of them alike. :func:`measure_curves` returns the rows, :func:`pruning_table` th
 import argparse
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -20,16 +21,15 @@ from torch import nn
 
 from . import data
 from .errors import ConfigError
-from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, block_slots, drop_ranking, parse_order, prune_blocks
+from .evaluate import check_at_least, evaluate, load_eval_split, model_logits_fn, normalization
+from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, kept_blocks, parse_order, prune_blocks
 
-BATCHES = (1, 64)
 REPEATS = {1: 300, 64: 40}
 
 
 def depths(model: nn.Module) -> List[int]:
     """Block counts of the curve: all kept blocks down to one per stage."""
-    kept = sum(b.kept for b in block_slots(model))
-    return list(range(kept, len(model._stages()) - 1, -1))
+    return list(range(len(kept_blocks(model)), len(model._stages()) - 1, -1))
 
 
 def _time_graphs(paths: Dict[Any, Path], threads: int, repeats: Dict[int, int]) -> Dict[Any, Dict[int, float]]:
@@ -40,29 +40,25 @@ def _time_graphs(paths: Dict[Any, Path], threads: int, repeats: Dict[int, int]) 
     rng = np.random.default_rng(0)
     out: Dict[Any, Dict[int, float]] = {key: {} for key in paths}
     for batch, n in repeats.items():
-        inputs = {key: rng.standard_normal((batch, *s.input_shape[1:]), dtype=np.float32) for key, s in sessions.items()}
-        times = time_interleaved({key: (lambda s=s, x=inputs[key]: s(x)) for key, s in sessions.items()}, n)
-        for key, t in times.items():
+        calls = {key: partial(s, rng.standard_normal((batch, *s.input_shape[1:]), dtype=np.float32))
+                 for key, s in sessions.items()}
+        for key, t in time_interleaved(calls, n).items():
             out[key][batch] = 1000.0 * float(np.median(t))
     return out
 
 
 def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival', limit: Optional[int] = None,
-                   threads: int = 1, repeats: Optional[Dict[int, int]] = None, importance_images: int = IMPORTANCE_IMAGES,
-                   blocks: Optional[Sequence[int]] = None, progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
+                   threads: int = 1, repeats: Optional[Dict[int, int]] = None,
+                   importance_images: int = IMPORTANCE_IMAGES, blocks: Optional[Sequence[int]] = None,
+                   progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
     """``{name: [{'blocks', 'kept', 'top1_err', 'macs', 'latency_ms_bs1', 'latency_ms_bs64'}, ...]}``.
 
-    Args:
-        models: eval-mode sd-zoo models by display name (their ``pretrained_cfg`` gives mean and std).
-        data_name: the test split scored (``limit`` images, class-balanced, if given); the importance order
-            ranks blocks on validation images of its training split.
-        order: ``'survival'``, ``'importance'`` or a list of block indices (see :mod:`sd_zoo.pruning`).
-        threads: ONNX Runtime CPU threads (1: the least noisy on a shared machine).
-        repeats: timed calls per batch size, default :data:`REPEATS`.
-        blocks: the block counts measured, default :func:`depths` (all of them).
+    ``models`` are eval-mode sd-zoo models by display name, scored on the test split of ``data_name``
+    (``limit`` images, class-balanced, if given) at the block counts ``blocks`` (default :func:`depths`).
+    ``threads``: ONNX Runtime CPU threads (1: the least noisy on a shared machine); ``repeats``: timed calls
+    per batch size (default :data:`REPEATS`).
     """
     from tqdm.auto import tqdm
-    from .evaluate import evaluate, load_eval_split, model_logits_fn, normalization
     from .model_card import count_params_macs
     from .onnx_export import export_onnx
 
@@ -143,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .loader import load_model
 
-    for flag, value in (('--threads', args.threads), ('--limit', args.limit)):
-        if value is not None and value < 1:
-            raise ConfigError(f'{flag} must be >= 1, got {value}')
+    check_at_least(('--threads', args.threads, 1), ('--limit', args.limit, 1))
     torch.set_num_threads(args.threads)
     if len(set(args.model)) != len(args.model):
         raise ConfigError(f'--model repeats a model: {args.model}; name each once')

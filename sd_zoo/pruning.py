@@ -2,10 +2,8 @@
 
 Stochastic depth trains every block to be skipped now and then, so the trained net tolerates missing
 blocks (the paper's "implicit ensemble of networks of different depths"). At test time block l computes
-``act(shortcut(x) + p_l f_l(x))``; pruning it leaves ``act(shortcut(x))``, which is the expected-value
-network with that branch removed (exactly what setting p_l = 0 gives). :class:`ShortcutOnly` is that
-remainder: the block's own shortcut (identity, or the transition's subsampling and zero padding, or a
-bottleneck's projection) and its output activation, with no branch and no gate.
+``act(shortcut(x) + p_l f_l(x))``; pruning it leaves :class:`ShortcutOnly`, ``act(shortcut(x))``: the
+expected-value network with p_l = 0.
 
 Blocks are named by 0-based global indices over all residual blocks in forward order (``layer1.0`` is
 0); indices stay valid after pruning, because a pruned block keeps its place in its stage. Every stage
@@ -20,6 +18,7 @@ keeps at least one block. Which blocks go first:
 :func:`prune_blocks` returns a pruned copy; :func:`apply_keep_blocks` prunes in place (what
 ``create_model(..., sd_keep_blocks=[...])`` calls, so a pruned model rebuilds from its saved weights).
 """
+import argparse
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import DATASETS, normalize, split_part
 from .errors import ConfigError
+from .evaluate import normalization
+from .pretrained import TAGS
 from .stochastic_depth import StochasticDepth
 
 ORDERS = ('survival', 'importance')
@@ -54,18 +56,12 @@ class ShortcutOnly(nn.Module):
         self.downsample = getattr(block, 'downsample', None)
         self.act = block.output_activation()
 
-    def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut is not None:
             x = self.shortcut(x)
         if self.downsample is not None:
             x = self.downsample(x)
-        return x
-
-    def forward_output(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_output(self.forward_shortcut(x))
 
 
 @dataclass
@@ -79,10 +75,6 @@ class BlockSlot:
     @property
     def kept(self) -> bool:
         return not isinstance(self.module, ShortcutOnly)
-
-    @property
-    def survival_prob(self) -> float:
-        return self.module.stochastic_depth.survival_prob
 
 
 def block_slots(model: nn.Module) -> List[BlockSlot]:
@@ -125,9 +117,8 @@ def _check_indices(indices: Sequence[int], slots: List[BlockSlot], what: str) ->
 def apply_keep_blocks(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     """Prune ``model`` in place to the blocks ``keep`` (global indices); every stage must keep one.
 
-    Each other block is replaced in its stage by :class:`ShortcutOnly`. Sets ``model.sd_keep_blocks``
-    (sorted), which ``model.sd_config()`` reports, so the list travels with saved weights and in ONNX
-    metadata. Returns the model.
+    Sets ``model.sd_keep_blocks`` (sorted), which ``model.sd_config()`` reports, so the list travels with
+    saved weights and in ONNX metadata. Returns the model.
     """
     if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
         raise ConfigError(f'sd_keep_blocks must be a list of block indices, got {keep!r}')
@@ -146,17 +137,8 @@ def apply_keep_blocks(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     return model
 
 
-def _check_keep_count(keep: int, slots: List[BlockSlot], num_stages: int) -> None:
-    kept = sum(b.kept for b in slots)
-    if isinstance(keep, bool) or keep < num_stages or keep > kept:
-        raise ConfigError(f'keep={keep}: this model has {kept} residual blocks in {num_stages} stages; keep '
-                          f'between {num_stages} (one per stage) and {kept} blocks')
-
-
 def parse_order(value: str) -> Order:
     """Command-line prune order: ``survival``, ``importance``, or comma-separated block indices."""
-    import argparse
-
     if value in ORDERS:
         return value
     try:
@@ -169,7 +151,7 @@ def parse_order(value: str) -> Order:
 def survival_ranking(model: nn.Module) -> List[int]:
     """Kept blocks, lowest survival probability first; equal probabilities: the later block first."""
     kept = [b for b in block_slots(model) if b.kept]
-    return [b.index for b in sorted(kept, key=lambda b: (b.survival_prob, -b.index))]
+    return [b.index for b in sorted(kept, key=lambda b: (b.module.stochastic_depth.survival_prob, -b.index))]
 
 
 def drop_ranking(model: nn.Module, order: Order = 'survival', data: Optional[str] = None, **importance_kw) -> List[int]:
@@ -189,10 +171,12 @@ def blocks_to_keep(model: nn.Module, keep: int, ranking: Sequence[int]) -> List[
     A block whose stage has no other kept block is passed over, so a nested family of nets comes from
     one ranking: the blocks kept at N include those kept at N - 1.
     """
-    slots = block_slots(model)
-    _check_keep_count(keep, slots, len(model._stages()))
+    slots, num_stages = block_slots(model), len(model._stages())
     left = {b.index for b in slots if b.kept}
-    per_stage = np.bincount([slots[i].stage for i in left], minlength=len(model._stages()))
+    if isinstance(keep, bool) or not num_stages <= keep <= len(left):
+        raise ConfigError(f'keep={keep}: this model has {len(left)} residual blocks in {num_stages} stages; keep '
+                          f'between {num_stages} (one per stage) and {len(left)} blocks')
+    per_stage = np.bincount([slots[i].stage for i in left], minlength=num_stages)
     for i in ranking:
         if len(left) == keep:
             break
@@ -209,10 +193,9 @@ def prune_blocks(model: nn.Module, keep: Union[int, Sequence[int]], order: Order
                  data: Optional[str] = None, **importance_kw) -> nn.Module:
     """A copy of ``model`` keeping ``keep`` residual blocks (a count, or the list of block indices).
 
-    With a count, blocks are dropped in ``order`` (see the module doc; ``'importance'`` scores blocks on
-    validation images of the training data ``data``, by default the data the weights were trained on;
-    keyword options as :func:`importance_ranking`).
-    ``model`` itself is not modified. The copy reports its kept blocks in ``sd_keep_blocks``.
+    With a count, blocks are dropped in ``order`` (see the module doc; ``'importance'`` ranks them on
+    validation images of ``data``, keyword options as :func:`importance_ranking`). ``model`` itself is not
+    modified; the copy reports its kept blocks in ``sd_keep_blocks``.
     """
     if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
         keep = blocks_to_keep(model, int(keep), drop_ranking(model, order, data, **importance_kw))
@@ -225,15 +208,11 @@ def prune_blocks(model: nn.Module, keep: Union[int, Sequence[int]], order: Order
 
 def validation_images(data_name: str, num_images: int = IMPORTANCE_IMAGES):
     """The first ``num_images`` (class-balanced) of the validation images held out of the training split."""
-    from . import data
-    return data.split_part(data_name, 'val', num_images, what='importance images')
+    return split_part(data_name, 'val', num_images, what='importance images')
 
 
 def training_data(model: nn.Module) -> Optional[str]:
     """The sd-zoo dataset the model's weights were trained on, if its cfg says (a weights file or a tag)."""
-    from .data import DATASETS
-    from .pretrained import TAGS
-
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     # A fresh model carries its architecture's default tag too; only loaded weights have a source.
     tag_data = getattr(TAGS.get(cfg.get('tag')), 'data', None) if cfg.get('source') else None
@@ -242,26 +221,22 @@ def training_data(model: nn.Module) -> Optional[str]:
 
 
 @torch.no_grad()
-def _val_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[float, float]:
-    """(top-1 error %, mean cross-entropy) of an eval-mode model on normalised images."""
+def _val_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Dict[str, float]:
+    """Top-1 error (%) and mean cross-entropy of an eval-mode model on normalised images."""
     logits = torch.cat([model(chunk) for chunk in x.split(batch_size)])
-    err = 100.0 * float((logits.argmax(1) != y).double().mean())
-    return err, float(F.cross_entropy(logits, y))
+    return dict(top1_err=100.0 * float((logits.argmax(1) != y).double().mean()), loss=float(F.cross_entropy(logits, y)))
 
 
 def importance_ranking(model: nn.Module, data: Optional[str], num_images: int = IMPORTANCE_IMAGES,
                        batch_size: int = 250, progress: bool = True) -> Tuple[List[int], Dict[int, Dict[str, float]]]:
     """Kept blocks, least harmful to drop first, and each one's validation scores when dropped alone.
 
-    Each kept block is replaced by its shortcut alone, once, and the net is scored on ``num_images``
-    validation images of ``data`` (held out of the training split: ``data.train_val_split``; default:
-    the data the weights were trained on, :func:`training_data`). The harm
-    is the validation top-1 error; the cross-entropy breaks ties, then the later block goes first.
-    Returns ``(ranking, {block: {'top1_err': %, 'loss': ce}})``; the key ``-1`` holds the unpruned net.
+    Each kept block is pruned alone, once, and the net scored on ``num_images`` validation images of
+    ``data`` (default: :func:`training_data`). The harm is the validation top-1 error; the cross-entropy
+    breaks ties, then the later block goes first. Returns ``(ranking, {block: {'top1_err': %, 'loss': ce}})``;
+    the key ``-1`` holds the unpruned net.
     """
     from tqdm.auto import tqdm
-    from .data import normalize
-    from .evaluate import normalization
 
     data = data or training_data(model)
     if not data:
@@ -274,11 +249,11 @@ def importance_ranking(model: nn.Module, data: Optional[str], num_images: int = 
     x = normalize(torch.as_tensor(images), *normalization(model)).to(device)
     y = torch.as_tensor(labels).to(device)
     stages = work._stages()
-    scores = {-1: dict(zip(('top1_err', 'loss'), _val_scores(work, x, y, batch_size)))}
+    scores = {-1: _val_scores(work, x, y, batch_size)}
     kept = [b for b in block_slots(work) if b.kept]
     for b in tqdm(kept, desc='importance', unit='block', disable=not progress):
         stages[b.stage][b.position] = ShortcutOnly(b.module)
-        scores[b.index] = dict(zip(('top1_err', 'loss'), _val_scores(work, x, y, batch_size)))
+        scores[b.index] = _val_scores(work, x, y, batch_size)
         stages[b.stage][b.position] = b.module
     ranking = sorted((b.index for b in kept), key=lambda i: (scores[i]['top1_err'], scores[i]['loss'], -i))
     return ranking, scores

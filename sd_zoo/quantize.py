@@ -1,16 +1,13 @@
 """int8 ONNX models: ONNX Runtime static quantization, calibrated on training images, checked on the test split.
 
-:func:`quantize_int8` turns an fp32 file written by ``sd-zoo export`` into an int8 one: QDQ format
-(QuantizeLinear / DequantizeLinear pairs that ONNX Runtime fuses into integer kernels), int8 weights
-with one scale per output channel, uint8 activations whose ranges come from running the fp32 graph on
-training images (MinMax calibration). Unsigned activations matter on x86: ONNX Runtime's CPU provider
-fuses every Conv and Add of a uint8-activation graph into QLinearConv / QLinearAdd, while with int8
-activations it left 12 of sd_resnet20's 21 convolutions in float and ran slower than fp32. Calibration uses only the training part of the paper's 45k/5k
-split, so neither the validation nor the test images influence the quantized model.
-
-:func:`compare_on_test` then scores both graphs on the test split. Nothing is refused silently: the
-report states the int8 and fp32 top-1 errors, and :meth:`Int8Report.summary` prints a warning with
-the number when int8 loses more than ``LARGE_DROP`` points.
+:func:`quantize_int8` turns an fp32 file written by ``sd-zoo export`` into QDQ int8 (QuantizeLinear /
+DequantizeLinear pairs that ONNX Runtime fuses into integer kernels): int8 weights with one scale per output
+channel, uint8 activations with MinMax ranges from the training part of the paper's 45k/5k split, so neither
+the validation nor the test images influence it. Unsigned activations matter on x86: ONNX Runtime's CPU
+provider fuses every Conv and Add of a uint8-activation graph into QLinearConv / QLinearAdd, while with int8
+activations it left 12 of sd_resnet20's 21 convolutions in float and ran slower than fp32.
+:func:`compare_on_test` then scores both graphs on the test split; :meth:`Int8Report.summary` warns, with
+the number, when int8 loses more than ``LARGE_DROP`` points.
 """
 import logging
 import os
@@ -46,18 +43,15 @@ class ImageCalibrationReader:
     """ONNX Runtime ``CalibrationDataReader``: normalised float32 NCHW batches of uint8 HWC images."""
 
     def __init__(self, images: np.ndarray, input_name: str, mean, std, batch_size: int = CALIBRATION_BATCH):
-        self.images, self.input_name, self.mean, self.std, self.batch_size = images, input_name, mean, std, batch_size
-        self.start = 0
+        self.batches = [{input_name: normalize_uint8(images[i:i + batch_size], mean, std)}
+                        for i in range(0, len(images), batch_size)]
+        self.rewind()
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        if self.start >= len(self.images):
-            return None
-        batch = self.images[self.start:self.start + self.batch_size]
-        self.start += self.batch_size
-        return {self.input_name: normalize_uint8(batch, self.mean, self.std)}
+        return next(self.batches_left, None)
 
     def rewind(self) -> None:
-        self.start = 0
+        self.batches_left = iter(self.batches)
 
 
 def _copy_metadata(fp32_path: Path, int8_path: Path, calibration: Dict[str, Any]) -> None:
@@ -76,9 +70,8 @@ def _copy_metadata(fp32_path: Path, int8_path: Path, calibration: Dict[str, Any]
 
 @contextmanager
 def _quiet_root_logger():
-    """Mute the quantizer's advice to run ONNX Runtime's pre-processing (shape inference and graph
-    optimisation): an sd-zoo export is already shape-inferred with BatchNorm folded, and the pre-processed
-    graph quantized to the same kernels and accuracy."""
+    # Mutes the quantizer's advice to run ONNX Runtime's pre-processing (shape inference and graph optimisation):
+    # an sd-zoo export is already shape-inferred with BatchNorm folded; pre-processed, it quantized the same.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -94,9 +87,9 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], output: Union[str, os.Path
 
     ``images`` passes the calibration images if :func:`calibration_images` already read them.
     """
+    import_onnxruntime()  # its install hint, before the quantization tool's bare ImportError
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    import_onnxruntime()
     if images is None:
         images = calibration_images(data, num_images)
     fp32 = OnnxClassifier(fp32_path, threads=1)
@@ -137,7 +130,8 @@ class Int8Report:
         return self.int8_top1_err - self.fp32_top1_err
 
     def summary(self) -> str:
-        text = (f'int8 {self.path} ({self.size_bytes / 2 ** 20:.2f} MiB, fp32 {self.fp32_size_bytes / 2 ** 20:.2f} MiB), '
+        text = (f'int8 {self.path} ({self.size_bytes / 2 ** 20:.2f} MiB, '
+                f'fp32 {self.fp32_size_bytes / 2 ** 20:.2f} MiB), '
                 f'calibrated on {self.calibration_images} {self.data} training images\n'
                 f'  test top-1 error: int8 {self.int8_top1_err:.2f}%, fp32 {self.fp32_top1_err:.2f}% '
                 f'({self.drop:+.2f} points), same class on {self.top1_agreement:.2f}% of {self.n} images')

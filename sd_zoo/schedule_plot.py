@@ -7,36 +7,25 @@ The Hub model cards embed this plot (``sd-zoo hub build``).
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
+from .loader import load_model, model_args_of
 from .stochastic_depth import expected_depth
 
-ProbsSource = Union[Sequence[float], Dict, object]
 
+def plot_schedule(source: Union[Sequence[float], object], path: Union[str, Path], title: Optional[str] = None) -> Path:
+    """Write a PNG bar chart of the survival probability of every block of ``source``, an sd-zoo model or a
+    sequence of probabilities (block 1 first); ``title`` goes above the line giving the expected depth."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in threads and on servers
 
-def _probs_and_stages(source: ProbsSource) -> Tuple[List[float], List[int]]:
-    """Survival probabilities and the number of blocks per stage (empty when unknown)."""
-    if hasattr(source, 'survival_probs'):  # an sd-zoo model
+    if hasattr(source, 'survival_probs'):  # an sd-zoo model: its stage boundaries are drawn too
+        probs = list(source.survival_probs)
         stages = [len(getattr(source, f'layer{i + 1}')) for i in range(getattr(source, 'num_stages', 0))]
-        return list(source.survival_probs), stages
-    return [float(p) for p in source], []
-
-
-def plot_schedule(source: ProbsSource, path: Union[str, Path], title: Optional[str] = None) -> Path:
-    """Write a PNG bar chart of per-block survival probability.
-
-    Args:
-        source: an sd-zoo model, or a sequence of probabilities (block 1 first).
-        path: the PNG to write.
-        title: first title line (default: none); the second line always gives the expected depth.
-    """
-    import matplotlib
-    matplotlib.use('Agg')  # files only: no display needed, and safe in threads and on servers
-    import matplotlib.pyplot as plt
-
-    probs, stages = _probs_and_stages(source)
+    else:
+        probs, stages = [float(p) for p in source], []
     n = len(probs)
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    fig = Figure(figsize=(7, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.bar(range(1, n + 1), probs, width=1.0 if n > 60 else 0.8, color='tab:blue')
     edge = 0.5
     for size in stages[:-1]:  # stage boundaries: where the resolution halves
@@ -52,15 +41,11 @@ def plot_schedule(source: ProbsSource, path: Union[str, Path], title: Optional[s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loader import load_model
-
-    kwargs = dict(drop_path_rate=args.drop_path_rate, sd_schedule=args.sd_schedule)
-    model = load_model(args.model, pretrained=False, **{k: v for k, v in kwargs.items() if v is not None})
+    model = load_model(args.model, pretrained=False, **model_args_of(args))
     path = plot_schedule(model, args.output, title=args.model)
     print(f'{path}: {model.num_blocks} blocks, expected depth {model.expected_depth:.2f}')
     return 0

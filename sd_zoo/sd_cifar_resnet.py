@@ -15,13 +15,13 @@ BatchNorm draws them uniformly from [0, 1]: ``bn_init='uniform'`` reproduces tha
 Every block, transitions included, carries a stochastic-depth gate (``stochastic_depth.py``); by default
 ``p_L = 0.5`` with the paper's linear decay.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import create_classifier, register_notrace_module
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from .errors import ConfigError
@@ -114,51 +114,28 @@ class SDCifarResNet(SDResNetBase):
 
     Args:
         blocks_per_stage: n, the number of basic blocks in each of the three stages.
-        num_classes: classifier outputs (0 for none).
-        in_chans: input channels.
         channels: widths of the three stages.
-        global_pool: timm pooling type of the head.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: 1 - p_L, the drop probability of the last block (0.5 in the paper; 0 = constant depth).
-        sd_schedule: ``'linear'`` (paper) or ``'uniform'`` decay of survival probabilities over blocks.
-        sd_probs: explicit per-block survival probabilities (overrides the two above).
-        sd_gate: ``'batch'`` (paper: one draw per block per mini-batch, dropped branches are not computed)
-            or ``'sample'`` (one draw per sample, as timm's DropPath).
-        sd_rule: ``'paper'`` (eval scales the branch by p_l) or ``'inverted'`` (train divides by p_l).
+        num_classes: classifier outputs (0 for none).
         sd_shortcut_pool: window of the transition shortcut's average pooling: 1 (the paper's code) or 2
             (the authors' later code).
-        sd_keep_blocks: build the net depth-pruned, keeping only these blocks (0-based, in forward order);
-            see :func:`sd_zoo.prune_blocks`.
         bn_init: ``'ones'`` (torch's default BatchNorm scale) or ``'uniform'`` (U[0, 1], as cudnn.torch).
         zero_init_last: zero-initialise each branch's last BatchNorm scale (not in the paper's code;
             ``sd_resnet1202`` turns it on, see there).
+        **kwargs: the stochastic-depth settings (``drop_path_rate``, ``sd_schedule``, ``sd_probs``, ``sd_gate``,
+            ``sd_rule``, ``sd_keep_blocks``) and timm's common arguments: see :meth:`SDResNetBase.setup`.
     """
 
     def __init__(
             self,
             blocks_per_stage: int = 18,
-            num_classes: int = 10,
-            in_chans: int = 3,
             channels: Tuple[int, ...] = (16, 32, 64),
-            global_pool: str = 'avg',
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.5,
-            sd_schedule: str = 'linear',
-            sd_probs: Optional[Sequence[float]] = None,
-            sd_gate: str = 'batch',
-            sd_rule: str = 'paper',
+            num_classes: int = 10,
             sd_shortcut_pool: int = 1,
-            sd_keep_blocks: Optional[Sequence[int]] = None,
-            act_layer: Union[str, type] = 'relu',
-            norm_layer: Union[str, type] = 'batchnorm2d',
             bn_init: str = 'ones',
             zero_init_last: bool = False,
-            drop_block_rate: float = 0.0,
-            device=None,
-            dtype=None,
+            **kwargs,
     ):
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
         if len(channels) != 3:
             raise ConfigError(f'the CIFAR ResNets have 3 stages; got {len(channels)} channel widths')
         if blocks_per_stage < 1:
@@ -167,14 +144,13 @@ class SDCifarResNet(SDResNetBase):
             raise ConfigError(f'sd_shortcut_pool must be 1 (the paper\'s code) or 2, got {sd_shortcut_pool!r}')
         if bn_init not in BN_INITS:
             raise ConfigError(f'unknown bn_init {bn_init!r}; choose one of {BN_INITS}')
-        act_layer, norm_layer, probs = self._init_common(
-            num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
-            3 * blocks_per_stage, drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+        args = self.setup(3 * blocks_per_stage, num_classes, **kwargs)
         self._sd_args['sd_shortcut_pool'] = sd_shortcut_pool
+        dd = args.dd
 
-        self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False, **dd)
-        self.bn1 = norm_layer(channels[0], **dd)
-        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(self.in_chans, channels[0], 3, padding=1, bias=False, **dd)
+        self.bn1 = args.norm_layer(channels[0], **dd)
+        self.act1 = args.act_layer(inplace=True)
         self.maxpool = nn.Identity()
         self.feature_info = [dict(num_chs=channels[0], reduction=1, module='act1')]
 
@@ -185,18 +161,15 @@ class SDCifarResNet(SDResNetBase):
             blocks = []
             for i in range(blocks_per_stage):
                 blocks.append(CifarBasicBlock(
-                    in_chs, out_chs, stride=stride if i == 0 else 1, survival_prob=probs[block_idx],
-                    gate=sd_gate, rule=sd_rule, shortcut_pool=sd_shortcut_pool, act_layer=act_layer,
-                    norm_layer=norm_layer, **dd))
+                    in_chs, out_chs, stride=stride if i == 0 else 1, survival_prob=args.probs[block_idx],
+                    gate=args.gate, rule=args.rule, shortcut_pool=sd_shortcut_pool, act_layer=args.act_layer,
+                    norm_layer=args.norm_layer, **dd))
                 in_chs = out_chs
                 block_idx += 1
             self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
         self.num_stages = len(channels)
-        self.num_features = self.head_hidden_size = channels[-1]
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.init_weights(zero_init_last=zero_init_last, bn_init=bn_init)
-        self._finish_init(sd_keep_blocks)
+        self.finish(args, channels[-1], zero_init_last=zero_init_last, bn_init=bn_init)
 
     @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = False, bn_init: str = 'ones') -> None:

@@ -9,12 +9,12 @@ Key map for ImageNet ResNet weights: the identity. Parameter and buffer names ar
 ``layerS.0.downsample.0/1``, ``fc``); the gates hold no state. :func:`load_imagenet_resnet_weights`
 loads such a state dict strictly and reports any mismatch.
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from timm.layers import create_classifier, register_notrace_module
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, make_blocks
 
@@ -59,60 +59,42 @@ class SDImageNetResNet(SDResNetBase):
 
     Args:
         layers: blocks per stage, e.g. (3, 8, 36, 3) for ResNet-152.
-        drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule, sd_keep_blocks: as for :class:`SDCifarResNet`.
+        num_classes: classifier outputs (0 for none).
         zero_init_last: zero-initialise each branch's last BatchNorm scale (timm's default for ResNets).
+        **kwargs: the stochastic-depth settings and timm's common arguments: see :meth:`SDResNetBase.setup`.
     """
 
     def __init__(
             self,
             layers: Tuple[int, ...] = (3, 8, 36, 3),
             num_classes: int = 1000,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.5,
-            sd_schedule: str = 'linear',
-            sd_probs: Optional[Sequence[float]] = None,
-            sd_gate: str = 'batch',
-            sd_rule: str = 'paper',
-            sd_keep_blocks: Optional[Sequence[int]] = None,
-            act_layer: Union[str, type] = 'relu',
-            norm_layer: Union[str, type] = 'batchnorm2d',
             zero_init_last: bool = True,
-            drop_block_rate: float = 0.0,
-            device=None,
-            dtype=None,
+            **kwargs,
     ):
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
         if len(layers) != 4:
             raise ConfigError(f'the ImageNet ResNets have 4 stages; got layers={layers}')
-        act_layer, norm_layer, probs = self._init_common(
-            num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer,
-            sum(layers), drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule)
+        args = self.setup(sum(layers), num_classes, **kwargs)
+        dd = args.dd
 
-        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
-        self.bn1 = norm_layer(64, **dd)
-        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(self.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = args.norm_layer(64, **dd)
+        self.act1 = args.act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
         channels = (64, 128, 256, 512)
         stages, stage_info = make_blocks(
             (SDBottleneck,) * len(layers), channels, layers, 64,
-            act_layer=act_layer, norm_layer=norm_layer, **dd)
+            act_layer=args.act_layer, norm_layer=args.norm_layer, **dd)
         for name, stage in stages:
             self.add_module(name, stage)
         self.feature_info.extend(stage_info)
         self.num_stages = len(layers)
 
         blocks = [b for _, stage in stages for b in stage]
-        for block, p in zip(blocks, probs):
-            block.stochastic_depth = StochasticDepth(p, gate=sd_gate, rule=sd_rule)
-
-        self.num_features = self.head_hidden_size = channels[-1] * SDBottleneck.expansion
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.init_weights(zero_init_last=zero_init_last)
-        self._finish_init(sd_keep_blocks)
+        for block, p in zip(blocks, args.probs):
+            block.stochastic_depth = StochasticDepth(p, gate=args.gate, rule=args.rule)
+        self.finish(args, channels[-1] * SDBottleneck.expansion, zero_init_last=zero_init_last)
 
     @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = True) -> None:

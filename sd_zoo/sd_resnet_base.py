@@ -6,7 +6,7 @@ forward_features / forward_head / forward_intermediates, features_only through t
 classifier reset, gradient checkpointing and parameter grouping, and draws the gates of every block at
 the start of each training forward (one RNG call per mini-batch).
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,60 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
             f'for another number of channels build the model with in_chans=C')
 
 
+class BuildArgs(NamedTuple):
+    """The resolved shared settings a subclass builds its stem and blocks with."""
+    act_layer: type
+    norm_layer: type
+    probs: List[float]
+    gate: str
+    rule: str
+    global_pool: str
+    keep_blocks: Optional[Sequence[int]]
+    dd: Dict[str, Any]
+
+
 class SDResNetBase(StochasticDepthMixin, nn.Module):
     """timm's standard model interface over a stem, ``num_stages`` stages of gated blocks and a head."""
 
-    def _init_common(self, num_classes, in_chans, drop_rate, drop_block_rate, act_layer, norm_layer, num_blocks,
-                     drop_path_rate, sd_schedule, sd_probs, sd_gate, sd_rule):
-        """Settings every sd-zoo ResNet shares; returns (act_layer, norm_layer, per-block probabilities)."""
+    def setup(
+            self,
+            num_blocks: int,
+            num_classes: int,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.5,
+            sd_schedule: str = 'linear',
+            sd_probs: Optional[Sequence[float]] = None,
+            sd_gate: str = 'batch',
+            sd_rule: str = 'paper',
+            sd_keep_blocks: Optional[Sequence[int]] = None,
+            act_layer: Union[str, type] = 'relu',
+            norm_layer: Union[str, type] = 'batchnorm2d',
+            drop_block_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ) -> 'BuildArgs':
+        """Check and keep the settings every sd-zoo ResNet shares; returns what the subclass builds its body with.
+
+        Args:
+            num_blocks: L, the number of gated residual blocks of the net.
+            num_classes: classifier outputs (0 for none).
+            in_chans: input channels.
+            global_pool: timm pooling type of the head.
+            drop_rate: dropout before the classifier.
+            drop_path_rate: 1 - p_L, the drop probability of the last block (0.5 in the paper; 0 = constant depth).
+            sd_schedule: ``'linear'`` (paper) or ``'uniform'`` decay of survival probabilities over blocks.
+            sd_probs: explicit per-block survival probabilities (overrides the two above).
+            sd_gate: ``'batch'`` (paper: one draw per block per mini-batch, dropped branches are not computed)
+                or ``'sample'`` (one draw per sample, as timm's DropPath).
+            sd_rule: ``'paper'`` (eval scales the branch by p_l) or ``'inverted'`` (train divides by p_l).
+            sd_keep_blocks: build the net depth-pruned, keeping only these blocks (0-based, in forward order);
+                see :func:`sd_zoo.prune_blocks`.
+            act_layer, norm_layer: timm layer names or classes.
+            drop_block_rate: not supported (timm's interface); must stay 0.
+            device, dtype: where and in which type to create the parameters.
+        """
         if drop_block_rate:
             raise ConfigError('drop_block_rate is not supported by sd-zoo ResNets; leave it at 0')
         if sd_gate not in GATES:
@@ -68,10 +116,19 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
         self._sd_args = dict(drop_path_rate=float(drop_path_rate), sd_schedule=sd_schedule) if sd_probs is None \
             else dict(sd_probs=probs)
         self._sd_args.update(sd_gate=sd_gate, sd_rule=sd_rule)
-        return get_act_layer(act_layer), get_norm_layer(norm_layer), probs
+        return BuildArgs(get_act_layer(act_layer), get_norm_layer(norm_layer), probs, sd_gate, sd_rule, global_pool,
+                         sd_keep_blocks, dict(device=device, dtype=dtype))
+
+    def finish(self, args: 'BuildArgs', num_features: int, **init_kwargs) -> None:
+        """Add the head, initialise the weights and prune to ``sd_keep_blocks`` when the net is built pruned."""
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, self.fc = create_classifier(num_features, self.num_classes, pool_type=args.global_pool,
+                                                      **args.dd)
+        self.init_weights(**init_kwargs)
+        self._finish_init(args.keep_blocks)
 
     def _finish_init(self, sd_keep_blocks: Optional[Sequence[int]]) -> None:
-        """Prune to ``sd_keep_blocks`` (global block indices) when the model is built pruned."""
+        """Prune to ``sd_keep_blocks`` (global block indices)."""
         if sd_keep_blocks is not None:
             from .pruning import apply_keep_blocks
             apply_keep_blocks(self, sd_keep_blocks)

@@ -2,13 +2,10 @@
 
 The trainer times training steps and evaluation on a copy of the model after a warm-up (cuDNN's
 autotuning, torch.compile and the first, slower steps are left out), then :func:`plan_epochs` picks the
-largest number of epochs whose training, evaluations and checkpoints fit in what is left of the budget;
-the learning-rate schedule is compressed into exactly those epochs. While training, :class:`Deadline`
-ends the run after an epoch when the next one would overrun (a slower phase than the probe saw, another
-process sharing the GPU), so the run ends within its budget either way.
-
-The budget counts from the start of the process (:func:`process_age`, Linux), so Python's start-up and
-the data loading are inside it.
+most epochs whose training, evaluations and checkpoints fit in what is left of the budget. While training,
+:class:`Deadline` ends the run after an epoch when the next one would overrun (a slower phase than the
+probe saw, another process sharing the GPU). The budget counts from the start of the process
+(:func:`process_age`, Linux), so Python's start-up and the data loading are inside it.
 """
 import os
 import time
@@ -37,7 +34,7 @@ def process_age() -> float:
         return 0.0
 
 
-def time_calls(fn: Callable[[], object], warmup: int, min_calls: int, min_seconds: float,
+def time_calls(fn: Callable[[], object], warmup: int = 0, min_calls: int = 1, min_seconds: float = 0.0,
                sync: Optional[Callable[[], None]] = None) -> Tuple[float, int]:
     """Mean seconds per call of ``fn`` and the number of timed calls, after ``warmup`` untimed calls.
 
@@ -69,10 +66,8 @@ def epochs_cost(epochs: int, epoch_s: float, eval_s: float, eval_every: int) -> 
 
 def plan_epochs(available_s: float, epoch_s: float, eval_s: float, eval_every: int, max_epochs: int) -> int:
     """The most epochs, at most ``max_epochs``, whose :func:`epochs_cost` fits in ``available_s`` (0 if none does)."""
-    if available_s <= 0:
-        return 0
     # Every epoch costs at least epoch_s, which bounds the answer; the cost grows with the count.
-    epochs = min(max_epochs, int(available_s / max(epoch_s, 1e-9)))
+    epochs = max(0, min(max_epochs, int(available_s / max(epoch_s, 1e-9))))
     while epochs > 0 and epochs_cost(epochs, epoch_s, eval_s, eval_every) > available_s:
         epochs -= 1
     return epochs

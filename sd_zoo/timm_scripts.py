@@ -21,8 +21,6 @@ def run(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise ConfigError(f'{script}: no such file; give the path of timm\'s train.py, validate.py or inference.py '
                           f'(they are in a checkout of timm\'s repository, not in the pip package)')
-    import sd_zoo  # noqa: F401  (registers the models with timm before the script looks them up)
-
     saved = sys.argv
     sys.argv = [str(script)] + list(args.script_args)
     try:

@@ -1,49 +1,24 @@
 """`sd-zoo train`: train a stochastic-depth ResNet on CIFAR, with the paper's recipe or a fast one.
 
-One straight path: data -> model -> optimizer -> epochs (train, validate, test, checkpoint) -> outputs.
-``train(config)`` does it in-process; the command line only builds ``config``.
+``train(config)`` runs data -> model -> optimizer -> epochs (train, validate, test, checkpoint) -> outputs
+in-process; the command line only builds ``config``. Recipes (``RECIPES``) are dicts of defaults that every
+flag overrides: ``paper`` is Huang et al. 2016, section 4; ``fast`` trains the same net in 60 epochs on a GPU
+(warm-up then a linear decay to zero, which beats steps for short budgets; label smoothing and more weight
+decay, as short schedules need more regularisation). The reported number is the test error at the epoch of
+best validation error.
 
-Recipes are plain dicts of defaults; every flag given on the command line overrides them.
-
-* ``paper`` (Huang et al. 2016, section 4): SGD with Nesterov momentum 0.9, weight decay 1e-4 on every
-  parameter, batch 128, lr 0.1 divided by 10 at 50 % and 75 % of training (epochs 250 and 375 of 500),
-  45k/5k train/validation split, pad-4 crop + flip. The reported number is the test error at the epoch
-  of best validation error.
-* ``fast``: the same net and augmentation in 60 epochs (meant for a GPU): batch 512 with the linearly
-  scaled lr 0.4, 2 warm-up epochs then a linear decay to zero (a one-cycle triangle, which reaches a
-  lower error than steps for short budgets), label smoothing 0.1, weight decay 5e-4 (short schedules
-  need more regularisation) except on BatchNorm and biases, and on CUDA bf16 autocast plus
-  channels_last (both ignored on CPU).
-
-Outputs in ``--output DIR`` (rank 0 writes): ``final.safetensors`` and ``best.safetensors`` (weights
-at the best validation epoch, absent with ``--val-size 0``), both with metadata ``sd_zoo.model``,
-``sd_zoo.model_args``, ``sd_zoo.num_classes``, ``sd_zoo.data``, ``sd_zoo.recipe``, ``sd_zoo.init_from``; ``metrics.jsonl``
-(one line per epoch), ``summary.json``, ``run.json`` (command lines and resolved config),
-``curves.png`` (paper Figure 3 layout) and ``checkpoint.pt``.
-
-``checkpoint.pt`` is written atomically after every epoch and holds everything the rest of the run
-depends on: weights and BatchNorm statistics, optimizer momentum, step, best validation so far and
-every RNG state (torch CPU, CUDA, the gate generator; numpy's and Python's are not used). Data order
-and augmentation come from a generator seeded by (seed, epoch), and the lr is a function of the step
-(that is the whole scheduler state), so ``--resume`` after a crash, even SIGKILL mid-epoch, ends with
-the same weights bit for bit as an uninterrupted run on the same machine and thread count (on CPU;
-cuDNN's autotuning and atomics make GPU runs reproducible only statistically). It is read with
-``torch.load(weights_only=True)``: nothing is unpickled.
-
-``--time-budget SECONDS`` trains the most epochs (at most ``--epochs``) that fit in that wall-clock time,
-counted from the process start: a probe on a copy of the model times steps, evaluation and a checkpoint,
-the whole schedule is compressed into the chosen epochs, and the run stops after an epoch if the next
-would overrun (``sd_zoo.time_budget``). The choice and the probe's measurements go into ``run.json`` and
-``summary.json`` (``time_budget``).
-
-Under ``torchrun --nproc_per_node N`` (DDP; NCCL on GPU, gloo on CPU) ``--batch-size`` is the global
-batch: every rank draws the same shuffled batch and keeps its slice, and every rank's gate generator
-has the same seed, so all ranks skip the same blocks (skipped blocks hand their parameters zero
-gradients, so DDP needs no ``find_unused_parameters``).
+Outputs in ``--output DIR`` (rank 0 writes): ``final.safetensors``, ``best.safetensors``, ``metrics.jsonl``,
+``summary.json``, ``run.json``, ``curves.png`` and ``checkpoint.pt``. The checkpoint is written atomically
+every epoch with every RNG state; data order comes from (seed, epoch) and the lr from the step, so
+``--resume`` after a crash, even SIGKILL mid-epoch, ends with the same weights bit for bit on the same
+machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically). ``--time-budget
+SECONDS`` fits the run into that wall-clock time (``sd_zoo.time_budget``). Under ``torchrun`` (DDP)
+``--batch-size`` is the global batch and every rank draws the same gates, so all skip the same blocks
+(skipped blocks hand their parameters zero gradients: DDP needs no ``find_unused_parameters``).
 """
 import argparse
+import contextlib
 import copy
-import hashlib
 import io
 import itertools
 import json
@@ -56,19 +31,22 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, Optional
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.models import split_model_name_tag
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import data
-from .checkpoint import save_weights
+from .checkpoint import save_weights, tensors_sha256
 from .errors import ConfigError
 from .evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
 from .files import atomic_write, atomic_write_text, remove_stale_temps
-from .loader import add_model_arguments
+from .loader import MODEL_ARG_NAMES, add_model_arguments, check_model_name, load_model
 from .metrics_plot import plot_runs, read_metrics
+from .stochastic_depth import ResidualGateMixin
 from . import time_budget
 
 RECIPES = {
@@ -85,10 +63,17 @@ RECIPES = {
 # Settings outside the recipes. None for a stochastic-depth setting keeps the model's (or its tag's) own.
 DEFAULTS = dict(
     model='sd_resnet110', data='cifar10', recipe='paper', output=None, pretrained=False, init_weights=None,
-    drop_path_rate=None, sd_schedule=None, sd_probs=None, sd_gate=None, sd_rule=None,
-    seed=0, val_size=data.VAL_SIZE, train_subset=None, test_subset=None, max_steps=None,
-    eval_every=1, eval_batch_size=1000, compile=False, num_threads=None, device=None,
+    **dict.fromkeys(MODEL_ARG_NAMES), seed=0, val_size=data.VAL_SIZE, train_subset=None, test_subset=None,
+    max_steps=None, eval_every=1, eval_batch_size=1000, compile=False, num_threads=None, device=None,
     resume=False, quiet=False, debug_dump=None, time_budget=None,
+)
+
+# (setting, lowest allowed value, whether the lowest is excluded) of the numeric settings.
+_RANGES = (
+    ('epochs', 1, False), ('batch_size', 1, False), ('lr', 0, True), ('eval_every', 1, False),
+    ('eval_batch_size', 1, False), ('train_subset', 1, False), ('test_subset', 1, False), ('max_steps', 1, False),
+    ('num_threads', 1, False), ('val_size', 0, False), ('momentum', 0, False), ('weight_decay', 0, False),
+    ('label_smoothing', 0, False), ('warmup_epochs', 0, False), ('gamma', 0, True), ('time_budget', 0, True),
 )
 
 # Settings a resumed run may change. Bit-exact resumes still need the same thread count and compile flag.
@@ -116,33 +101,17 @@ def resolve_config(overrides: Dict) -> Dict:
         raise ConfigError(f"unknown lr schedule {cfg['schedule']!r}; choose step, cosine or linear")
     if cfg['amp'] not in ('none', 'bf16'):
         raise ConfigError(f"--amp must be none or bf16, got {cfg['amp']!r}")
-    _check_ranges(cfg)
-    return cfg
-
-
-# (setting, lowest allowed value, whether the lowest is excluded) of the numeric settings.
-_RANGES = (
-    ('epochs', 1, False), ('batch_size', 1, False), ('lr', 0, True), ('eval_every', 1, False),
-    ('eval_batch_size', 1, False), ('train_subset', 1, False), ('test_subset', 1, False), ('max_steps', 1, False),
-    ('num_threads', 1, False), ('val_size', 0, False), ('momentum', 0, False), ('weight_decay', 0, False),
-    ('label_smoothing', 0, False), ('warmup_epochs', 0, False), ('gamma', 0, True), ('time_budget', 0, True),
-)
-
-
-def _check_ranges(cfg: Dict) -> None:
-    """Every numeric setting in its range, before any work: a bad value ends the run at once, not after an epoch."""
+    # Every numeric setting is checked before any work: a bad value ends the run at once, not after an epoch.
     for key, low, strict in _RANGES:
-        value = cfg.get(key)
-        if value is None or isinstance(value, bool):
-            continue
-        if value < low or (strict and value == low):
-            flag = '--' + key.replace('_', '-')
-            raise ConfigError(f'{flag} must be {">" if strict else ">="} {low}, got {value}')
+        value = cfg[key]
+        if value is not None and not isinstance(value, bool) and (value < low or (strict and value == low)):
+            raise ConfigError(f"--{key.replace('_', '-')} must be {'>' if strict else '>='} {low}, got {value}")
     for key in ('momentum', 'label_smoothing'):
         if cfg[key] >= 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be below 1, got {cfg[key]}")
     if cfg['pretrained'] and cfg['init_weights']:
         raise ConfigError('give --pretrained (the tag\'s weights) or --init-weights FILE, not both')
+    return cfg
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Dict) -> float:
@@ -182,28 +151,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach(), logits.detach()
 
 
-# Dynamo cache entries one block shape needs: training, evaluation (no grad), and a batch-dynamic
-# evaluation graph once a smaller last batch arrives; one spare.
-_GRAPHS_PER_SHAPE = 4
-
-
 def compile_branches(model: torch.nn.Module) -> int:
     """torch.compile each residual branch, compiling every distinct block shape once; returns the shape count.
 
-    The gates are Python bools drawn outside the compiled code, so skipping blocks never triggers a
-    recompile, and blocks of one shape share one graph (parameters are graph inputs). Dynamo keeps one
-    cache per code object, and ``forward_branch`` is one code object for all blocks, so its entries for
-    all shapes add up: the CIFAR nets have 5 shapes, 10 to 15 entries with evaluation, beyond torch's
-    default recompile limit of 8, which is raised to fit. Compiling the whole model instead breaks the
-    graph at every gate draw (measured on sd_resnet20: 17 graphs, about 2.4x slower than eager on CPU).
+    The gates are Python bools drawn outside the compiled code, so skipping never recompiles, and blocks of
+    one shape share one graph. Dynamo keeps one cache per code object (``forward_branch``, shared by all
+    blocks), so the limit of 8 entries is raised to fit every shape. Compiling the whole model instead breaks
+    the graph at every gate draw (sd_resnet20: 17 graphs, about 2.4x slower than eager on CPU).
     """
     import torch._dynamo
 
-    from .stochastic_depth import ResidualGateMixin
     blocks = [m for m in model.modules() if isinstance(m, ResidualGateMixin)]
     shapes = {(type(b), tuple(tuple(p.shape) for p in b.parameters())) for b in blocks}
+    # Per shape: training, evaluation (no grad), a batch-dynamic evaluation graph for a smaller last batch, a spare.
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, _GRAPHS_PER_SHAPE * len(shapes))
+    config.recompile_limit = max(config.recompile_limit, 4 * len(shapes))
     for block in blocks:
         block.forward_branch = torch.compile(block.forward_branch)
     return len(shapes)
@@ -213,11 +175,6 @@ def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
     """The network to train: ``cfg['model']`` (a tag brings its settings) with the run's stochastic-depth
     settings, initialised from the tag's weights (``pretrained``) or a weights file (``init_weights``).
     A different class count gets a fresh classifier; the rest of the weights are kept."""
-    import timm
-    from timm.models import split_model_name_tag
-
-    from .loader import MODEL_ARG_NAMES, check_model_name, load_model
-
     check_model_name(cfg['model'])
     model_args = {k: cfg[k] for k in MODEL_ARG_NAMES if cfg[k] is not None}
     source = cfg['init_weights'] or (cfg['model'] if cfg['pretrained'] else None)
@@ -227,7 +184,7 @@ def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
             say(f'{source}: {model.num_classes} classes -> {num_classes}: new classifier, the rest kept')
             model.reset_classifier(num_classes)
     else:
-        arch, tag = split_model_name_tag(cfg['model'])
+        tag = split_model_name_tag(cfg['model'])[1]
         if tag:
             say(f'NOTE: {cfg["model"]}: training from scratch with the settings of tag {tag}, not its weights '
                 f'(add --pretrained to start from them)')
@@ -235,10 +192,6 @@ def create_model(cfg: Dict, num_classes: int, say=print) -> torch.nn.Module:
     if not hasattr(model, 'set_gate_generator'):
         raise ConfigError(f"{cfg['model']} is not a stochastic-depth model; use one of the sd_* models")
     return model
-
-
-# Output folders this process has locked: :func:`train` releases them when the run ends.
-_HELD: Dict[str, object] = {}
 
 
 def _take_output(out: Path):
@@ -259,12 +212,10 @@ def _take_output(out: Path):
         lock.close()
         raise ConfigError(f'{out} is in use by another sd-zoo train (pid {holder}); '
                           f'wait for it to finish or choose another --output') from None
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)  # append mode: the pid is written at the (new) end
     lock.write(str(os.getpid()))
     lock.flush()
     remove_stale_temps(out)  # left by a run killed while writing
-    _HELD[str(out.resolve())] = lock
     return lock
 
 
@@ -274,7 +225,8 @@ def _read_checkpoint(path: Path) -> Dict:
         if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'config', 'epoch'} <= set(ckpt):
             raise ValueError('not an sd-zoo training checkpoint')
     except Exception as e:  # torch raises many types for truncated, empty or foreign files
-        raise ConfigError(f'--resume: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        first_line = str(e).splitlines()[0] if str(e) else ''
+        raise ConfigError(f'--resume: {path} is unreadable ({type(e).__name__}: {first_line}); '
                           f'it may be truncated: start a new run with another --output') from None
     return ckpt
 
@@ -283,36 +235,25 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
-def _distributed() -> tuple:
-    """(rank, world_size, local_rank) from torchrun's environment variables."""
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    return int(os.environ.get('RANK', 0)), world_size, int(os.environ.get('LOCAL_RANK', 0))
-
-
 def _pct(v: Optional[float]) -> str:
     return '-' if v is None else f'{v:.2f}%'
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _min_over_ranks(value: int, device: torch.device, world_size: int) -> int:
     """The smallest ``value`` of all ranks, so that every rank takes the same decision."""
     if world_size == 1:
         return value
-    t = torch.tensor(value, device=device if device.type == 'cuda' else 'cpu')
+    t = torch.tensor(value, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
 
-def _plan_time_budget(cfg: Dict, model: torch.nn.Module, loader, eval_sets: Dict, mean, std, device: torch.device,
-                      use_amp: bool, channels_last: bool, started: float, world_size: int) -> Dict:
+def _plan_time_budget(cfg: Dict, model: torch.nn.Module, loader, eval_sets: Dict, logits_fn_of, device: torch.device,
+                      use_amp: bool, started: float, world_size: int) -> Dict:
     """Time training steps, evaluation and a checkpoint on a copy of the model, then choose the epochs.
 
-    The copy has its own gate generator and optimizer and the batches come from the loader's seeded
-    epochs, so the run itself starts exactly as it would without a budget: ``--time-budget`` trains
-    like ``--epochs N`` with the N it chose. Under DDP each rank probes its own slice and all take the
+    The copy has its own gate generator and optimizer, so the run itself starts exactly as it would without
+    a budget: ``--time-budget`` trains like ``--epochs N`` with the N it chose. Under DDP all ranks take the
     smallest choice.
     """
     probe = copy.deepcopy(model).train()
@@ -323,33 +264,29 @@ def _plan_time_budget(cfg: Dict, model: torch.nn.Module, loader, eval_sets: Dict
     batches = itertools.chain.from_iterable(map(loader.epoch, itertools.count()))
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
     budget, t0 = cfg['time_budget'], time.perf_counter()
-
-    def step() -> None:
-        x, y = next(batches)
-        train_step(probe, optimizer, x, y, cfg['label_smoothing'], use_amp)
-    step_s, steps = time_budget.time_calls(step, time_budget.WARMUP_STEPS, min_calls=5,
-                                           min_seconds=min(max(0.02 * budget, 0.5), 10.0), sync=sync)
-    logits_fn = model_logits_fn(probe, mean, std, channels_last, use_amp)
+    step_s, steps = time_budget.time_calls(
+        lambda: train_step(probe, optimizer, *next(batches), cfg['label_smoothing'], use_amp),
+        time_budget.WARMUP_STEPS, min_calls=5, min_seconds=min(max(0.02 * budget, 0.5), 10.0), sync=sync)
+    logits_fn = logits_fn_of(probe)
     images = next(iter(eval_sets.values()))[0][:cfg['eval_batch_size']]
-    batch_s, _ = time_budget.time_calls(lambda: logits_fn(images), warmup=1, min_calls=1, min_seconds=0, sync=sync)
+    batch_s, _ = time_budget.time_calls(lambda: logits_fn(images), warmup=1, sync=sync)
     eval_s = batch_s / len(images) * sum(len(y) for _, y in eval_sets.values()) / world_size
     state = dict(model=probe.state_dict(), optimizer=optimizer.state_dict())
-    save_s, _ = time_budget.time_calls(lambda: torch.save(state, io.BytesIO()), warmup=0, min_calls=1, min_seconds=0)
-    try:  # the curves plot after the last epoch needs matplotlib: its import (seconds) belongs to the set-up
+    save_s, _ = time_budget.time_calls(lambda: torch.save(state, io.BytesIO()))
+    with contextlib.suppress(ImportError):  # the curves plot needs matplotlib: its import (seconds) is set-up
         import matplotlib.figure  # noqa: F401
-    except ImportError:
-        pass
     epoch_s = step_s * len(loader) + 2 * save_s  # checkpoint.pt and best.safetensors every epoch
     setup_s = t0 - started
     spent = time.perf_counter() - started
-    epochs = _min_over_ranks(time_budget.plan_epochs(budget * (1 - time_budget.SAFETY) - spent - time_budget.TAIL_S,
-                                                     epoch_s, eval_s, cfg['eval_every'], cfg['epochs']),
-                             device, world_size)
+    epochs = time_budget.plan_epochs(budget * (1 - time_budget.SAFETY) - spent - time_budget.TAIL_S,
+                                     epoch_s, eval_s, cfg['eval_every'], cfg['epochs'])
+    epochs = _min_over_ranks(epochs, device, world_size)
     if epochs < 1:
         one = time_budget.epochs_cost(1, epoch_s, eval_s, 1)
         need = (spent + one + time_budget.TAIL_S) / (1 - time_budget.SAFETY)
-        raise ConfigError(f'--time-budget {budget:g} fits no epoch: set-up took {spent:.0f} s and one epoch takes about '
-                          f'{one:.0f} s with evaluation; give at least {math.ceil(need)} s, or fewer images (--train-subset)')
+        raise ConfigError(f'--time-budget {budget:g} fits no epoch: set-up took {spent:.0f} s and one epoch takes '
+                          f'about {one:.0f} s with evaluation; give at least {math.ceil(need)} s, or fewer images '
+                          f'(--train-subset)')
     return dict(
         budget_s=budget, epochs=epochs, max_epochs=cfg['epochs'], setup_s=setup_s, probe_s=spent - setup_s,
         probe_steps=steps, step_s=step_s, images_per_s=cfg['batch_size'] / step_s, epoch_s=epoch_s, eval_s=eval_s,
@@ -362,26 +299,20 @@ def train(config: Dict, command: Optional[str] = None, started: Optional[float] 
 
     ``started``: the ``time.perf_counter()`` from which ``time_budget`` counts (default: now).
     """
-    try:
-        return _train(config, command, started)
-    finally:
-        # The output folder's lock ends with the run, whether it finished or failed.
-        while _HELD:
-            _HELD.popitem()[1].close()
+    with contextlib.ExitStack() as run_scope:  # holds the output folder's lock until the run ends or fails
+        return _train(config, command, started, run_scope)
 
 
-def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Dict:
-    from .loader import check_model_name
-
+def _train(config: Dict, command: Optional[str], started: Optional[float], run_scope: contextlib.ExitStack) -> Dict:
     started = time.perf_counter() if started is None else started
     cfg = resolve_config(config)
     check_model_name(cfg['model'])
     if cfg['init_weights'] and not Path(cfg['init_weights']).is_file():
         raise ConfigError(f"--init-weights {cfg['init_weights']}: no such file")
-    rank, world_size, local_rank = _distributed()
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     device = resolve_device(cfg['device'])
     if device.type == 'cuda' and world_size > 1:
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
@@ -416,7 +347,8 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
     loader = data.Loader(x_train[train_idx], y_train[train_idx], cfg['batch_size'], info.mean, info.std,
                          train=True, seed=cfg['seed'], device=device, rank=rank, world_size=world_size,
                          channels_last=channels_last)
-    if len(loader) == 0:
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg['batch_size']}")
     eval_sets = {'val': (x_train[val_idx], y_train[val_idx]), 'test': (x_test, y_test)}
     eval_sets = {k: (torch.as_tensor(x).to(device), torch.as_tensor(y).to(device))
@@ -425,7 +357,8 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
     # Model: identical initial weights and gate generator on every rank.
     torch.manual_seed(cfg['seed'])
     model = create_model(cfg, info.num_classes, say)
-    say(f"stochastic depth: {model.sd_config()}, expected depth {model.expected_depth:.2f} of {model.num_blocks} blocks")
+    say(f"stochastic depth: {model.sd_config()}, expected depth {model.expected_depth:.2f} "
+        f"of {model.num_blocks} blocks")
     # Stored beside the weights: what they were trained on and what they started from.
     weights_meta = dict(data=cfg['data'], recipe=cfg['recipe'],
                         init_from=cfg['init_weights'] and Path(cfg['init_weights']).name or
@@ -434,11 +367,11 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
     model.set_gate_generator(gate_generator)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = len(loader)
+    logits_fn_of = partial(model_logits_fn, mean=info.mean, std=info.std, channels_last=channels_last, amp=use_amp)
 
-    start_epoch, step, best, elapsed, commands = 0, 0, None, 0.0, []
+    start_epoch, step, best, elapsed, commands, budget, deadline = 0, 0, None, 0.0, [], None, None
     if main:
-        _take_output(out)  # locked until the run ends (or its process dies)
+        run_scope.enter_context(_take_output(out))  # locked until the run ends (or its process dies)
     if cfg['resume']:
         ckpt = _read_checkpoint(ckpt_path)
         if ckpt['config'].get('time_budget'):  # its epochs were chosen when the run started: keep them
@@ -455,12 +388,10 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
         gate_generator.set_state(ckpt['rng']['gate'])
         if device.type == 'cuda' and 'cuda' in ckpt['rng']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
-        commands = list(ckpt['commands'])
-    # A resumed run keeps the plan its first part made, and has no deadline of its own.
-    budget, deadline = ckpt.get('time_budget') if cfg['resume'] else None, None
-    if cfg['time_budget'] and not cfg['resume']:
-        budget = _plan_time_budget(cfg, model, loader, eval_sets, info.mean, info.std, device, use_amp,
-                                   channels_last, started, world_size)
+        # A resumed run keeps the plan its first part made, and has no deadline of its own.
+        commands, budget = list(ckpt['commands']), ckpt.get('time_budget')
+    elif cfg['time_budget']:
+        budget = _plan_time_budget(cfg, model, loader, eval_sets, logits_fn_of, device, use_amp, started, world_size)
         # The whole schedule (warm-up included) is compressed into the epochs that fit.
         cfg['warmup_epochs'] *= budget['epochs'] / cfg['epochs']
         cfg['epochs'] = budget['epochs']
@@ -523,24 +454,21 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
                 if buf.is_floating_point():
                     dist.all_reduce(buf)
                     buf /= world_size
-        if deadline and not (stop or epoch + 1 == cfg['epochs']) and \
-                not _min_over_ranks(int(deadline.fits_another(t0)), device, world_size):
-            stop = budget['stopped_early'] = True
+        last = stop or epoch + 1 == cfg['epochs']
+        if deadline and not last and not _min_over_ranks(int(deadline.fits_another(t0)), device, world_size):
+            stop = last = budget['stopped_early'] = True
             say(f"time budget: stopping after epoch {epoch + 1} of {cfg['epochs']}; the next would end after "
                 f"{cfg['time_budget']:g} s")
-        last = stop or epoch + 1 == cfg['epochs']
-        errs = {}
-        if (epoch + 1) % cfg['eval_every'] == 0 or last:
-            fn = model_logits_fn(model, info.mean, info.std, channels_last, use_amp)
-            errs = {k: evaluate(fn, x, y, cfg['eval_batch_size'], rank, world_size)['top1_err']
-                    for k, (x, y) in eval_sets.items()}
+        evaluated = (epoch + 1) % cfg['eval_every'] == 0 or last
+        errs = {k: evaluate(logits_fn_of(model), x, y, cfg['eval_batch_size'], rank, world_size)['top1_err']
+                for k, (x, y) in eval_sets.items() if evaluated}
         elapsed += time.perf_counter() - t0
-        stats = model.block_stats()
+        loss_total, wrong_total, seen_total = totals.tolist()
         row = dict(
-            epoch=epoch + 1, step=step, train_loss=totals[0].item() / totals[2].item(),
-            train_err=100 * totals[1].item() / totals[2].item(), val_err=errs.get('val'), test_err=errs.get('test'),
-            lr=lr, epoch_time_s=epoch_time, images_per_s=totals[2].item() / epoch_time,
-            blocks_executed_measured=stats['executed'] / steps, blocks_expected=model.expected_depth)
+            epoch=epoch + 1, step=step, train_loss=loss_total / seen_total, train_err=100 * wrong_total / seen_total,
+            val_err=errs.get('val'), test_err=errs.get('test'), lr=lr, epoch_time_s=epoch_time,
+            images_per_s=seen_total / epoch_time, blocks_executed_measured=model.block_stats()['executed'] / steps,
+            blocks_expected=model.expected_depth)
         history.append(row)
         improved = row['val_err'] is not None and (best is None or row['val_err'] < best['val_err'])
         if improved:
@@ -587,7 +515,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
         dump_dir.mkdir(parents=True, exist_ok=True)
         _write_json(dump_dir / f'rank{rank}.json', dict(
             rank=rank, world_size=world_size, gates=gates_log,
-            params={k: _digest(v) for k, v in model.state_dict().items()}))
+            params={k: tensors_sha256({k: v}) for k, v in model.state_dict().items()}))
     if world_size > 1:
         dist.destroy_process_group()
     return summary
@@ -596,7 +524,8 @@ def _train(config: Dict, command: Optional[str], started: Optional[float]) -> Di
 def run(args: argparse.Namespace) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug')}
     # The budget counts from the process start: Python's start-up and imports are part of it.
-    train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]), started=time.perf_counter() - time_budget.process_age())
+    started = time.perf_counter() - time_budget.process_age()
+    train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]), started=started)
     return 0
 
 
@@ -606,7 +535,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default=DEFAULTS['model'], help='timm model name (default: %(default)s)')
     p.add_argument('--data', required=True, choices=[n for n, i in data.DATASETS.items() if 'test' in i.splits])
-    p.add_argument('--recipe', default=DEFAULTS['recipe'], choices=list(RECIPES))
+    p.add_argument('--recipe', choices=list(RECIPES))
     p.add_argument('--output', required=True, metavar='DIR')
     p.add_argument('--resume', action='store_true', help='continue the run in DIR from its last checkpoint')
     add_model_arguments(p)
@@ -627,23 +556,20 @@ def add_parser(subparsers) -> None:
     g.add_argument('--amp', choices=('none', 'bf16'), help='bf16 autocast (CUDA only)')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last layout (CUDA only)')
     g = p.add_argument_group('model and run settings')
-    g.add_argument('--pretrained', action='store_true',
-                   help='start from the published weights of --model NAME.TAG (fine-tuning; a new head if the '
-                        'class count differs)')
+    g.add_argument('--pretrained', action='store_true', help='start from the published weights of --model '
+                   'NAME.TAG (fine-tuning; a new head if the class count differs)')
     g.add_argument('--init-weights', metavar='FILE', help='start from a safetensors file written by sd-zoo')
-    g.add_argument('--seed', type=int, default=DEFAULTS['seed'])
+    g.add_argument('--seed', type=int)
     g.add_argument('--val-size', type=int, default=DEFAULTS['val_size'],
                    help='validation images held out of the training set (default: %(default)s; 0 for none)')
     g.add_argument('--train-subset', type=int, metavar='N', help='train on the first N training images, class-balanced')
     g.add_argument('--test-subset', type=int, metavar='N', help='test on the first N test images, class-balanced')
     g.add_argument('--max-steps', type=int, metavar='N', help='stop after N optimizer steps (smoke tests)')
-    g.add_argument('--eval-every', type=int, default=DEFAULTS['eval_every'], metavar='N',
-                   help='validate and test every N epochs (and after the last)')
-    g.add_argument('--eval-batch-size', type=int, default=DEFAULTS['eval_batch_size'])
+    g.add_argument('--eval-every', type=int, metavar='N', help='validate and test every N epochs (and after the last)')
+    g.add_argument('--eval-batch-size', type=int)
     g.add_argument('--time-budget', type=float, metavar='SECONDS',
-                   help='train as many epochs as fit in SECONDS of wall-clock time, set-up, evaluation and checkpoints '
-                        'included (a short probe measures the speed; --epochs caps them); the lr schedule spans '
-                        'exactly those epochs')
+                   help='train the most epochs (at most --epochs) that fit in SECONDS of wall-clock time, set-up, '
+                        'evaluation and checkpoints included; the lr schedule spans exactly those epochs')
     g.add_argument('--compile', action='store_true', help='torch.compile each residual branch')
     g.add_argument('--num-threads', type=int, help='torch CPU threads (fix it for bit-exact resumes)')
     g.add_argument('--device', help='cuda or cpu (default: cuda if available)')

@@ -4,16 +4,13 @@ The paper reads stochastic depth as training an implicit ensemble of networks of
 test time the same gates can be drawn again, as MC dropout does for dropout nets: N forward passes,
 each through a randomly shortened network, average into a predictive distribution whose spread says how
 sure the model is. :func:`mc_predict` does that with BatchNorm in eval mode and the gates drawn exactly
-as in training (per mini-batch or per sample, the model's own setting; a kept branch is unscaled under
-the paper rule and divided by p_l under the inverted rule), so for every block the mean pre-activation
-over samples is the expected-value net's. A constant-depth model (every p_l = 1) gives N identical
-passes: a degenerate ensemble.
+as in training (the model's own gate and rule), so for every block the mean pre-activation over samples
+is the expected-value net's. A constant-depth model (every p_l = 1) gives N identical passes.
 
-The metrics (:func:`calibration_metrics`) score any class probabilities: top-1 error, NLL, Brier score,
-expected calibration error over 15 equal-width confidence bins, and selective prediction (error when
-only the most confident 90 % or 80 % of images are kept, area under the risk-coverage curve).
-:func:`calibration_report` compares the deterministic expected-value net, the same net with a
-temperature fitted on validation images held out of the training split, and the N-sample depth
+:func:`calibration_metrics` scores any class probabilities: top-1 error, NLL, Brier score, expected
+calibration error (15 equal-width bins), error on the most confident 90 % / 80 % of images, and the area
+under the risk-coverage curve. :func:`calibration_report` compares the expected-value net, the same net
+with a temperature fitted on validation images held out of the training split, and the N-sample depth
 ensemble; ``sd-zoo eval --mc-samples N`` prints it.
 """
 import json
@@ -30,7 +27,7 @@ from tqdm import tqdm
 
 from . import data
 from .errors import ConfigError
-from .evaluate import load_eval_split, model_logits_fn
+from .evaluate import eval_model, load_eval_split, model_logits_fn, normalization
 from .stochastic_depth import StochasticDepth
 
 ECE_BINS = 15
@@ -82,8 +79,7 @@ def depth_sampling(model: nn.Module, generator: Optional[torch.Generator] = None
         model.eval()
         for b in blocks:
             b.training = True
-        for g in gates:
-            g.generator = generator
+            b.stochastic_depth.generator = generator
         if plan is not None:
             model._gate_generator = generator
         yield sample
@@ -106,26 +102,17 @@ def _check_samples(samples: int) -> None:
 @torch.no_grad()
 def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 30,
                generator: Optional[torch.Generator] = None) -> MCPrediction:
-    """Monte-Carlo depth ensemble: ``samples`` forward passes of ``x``, each with its own draw of the gates.
-
-    Args:
-        model: a stochastic-depth model (any mode; it runs with BatchNorm in eval mode and is left unchanged).
-        x: the model's input batch, already normalised.
-        samples: N, the number of passes (the cost is N forwards, each skipping the dropped branches).
-        generator: CPU ``torch.Generator`` for the gates; the same seed gives the same result. None draws
-            from torch's global RNG.
-
-    Returns:
-        mean probabilities, predictive entropy and mutual information per image (float64).
+    """Monte-Carlo depth ensemble: ``samples`` forward passes of the normalised batch ``x``, each with its own
+    draw of the gates (from the CPU ``generator``, or torch's global RNG if None). ``model`` may be in any
+    mode: it runs with BatchNorm in eval mode and is left unchanged.
     """
     _check_samples(samples)
-    total = entropy_sum = None
+    total = entropy_sum = 0.0
     with depth_sampling(model, generator) as sample:
         for _ in range(samples):
             p = sample(x).double().softmax(dim=1)
-            h = torch.special.entr(p).sum(dim=1)
-            total = p if total is None else total + p
-            entropy_sum = h if entropy_sum is None else entropy_sum + h
+            total += p
+            entropy_sum += torch.special.entr(p).sum(dim=1)
     probs = total / samples
     entropy = torch.special.entr(probs).sum(dim=1)
     # Non-negative by Jensen's inequality; the clamp removes rounding noise when all samples agree.
@@ -135,27 +122,14 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 30,
 
 # --- metrics on class probabilities [N, C] and labels [N] -------------------------------------------------
 
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the true class, nats per image."""
-    p_true = probs.double().gather(1, labels.view(-1, 1)).squeeze(1)
-    return float(-p_true.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
-
-
-def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over images of the squared error summed over classes (0 perfect, 2 the worst)."""
-    onehot = F.one_hot(labels, probs.shape[1]).double()
-    return float((probs.double() - onehot).square().sum(dim=1).mean())
-
-
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> Dict[str, torch.Tensor]:
     """Per equal-width confidence bin ((k/bins, (k+1)/bins]): image count, mean confidence, accuracy."""
     conf, pred = probs.double().max(dim=1)
     correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(conf, edges[1:-1])
+    idx = torch.bucketize(conf, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
     count = torch.bincount(idx, minlength=bins).double()
-    safe = count.clamp_min(1)
-    return dict(edges=edges, count=count,
+    safe = count.clamp_min(1)  # an empty bin gets accuracy and confidence 0
+    return dict(count=count,
                 confidence=torch.bincount(idx, conf, minlength=bins) / safe,
                 accuracy=torch.bincount(idx, correct, minlength=bins) / safe)
 
@@ -181,20 +155,21 @@ def error_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float
     return float(100 * risk[keep - 1])
 
 
-def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the risk-coverage curve: mean of the error rate over coverages k/N (a fraction, 0 to 1)."""
-    return float(risk_coverage(probs, labels).mean())
-
-
 def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """Top-1 error, NLL, Brier score, ECE (15 bins) and selective-prediction metrics of probabilities [N, C]."""
-    labels = torch.as_tensor(labels).long()
+    """Top-1 error, NLL, Brier score, ECE (15 bins) and selective-prediction metrics of probabilities [N, C].
+
+    NLL of the true class in nats per image; Brier score summed over classes (0 perfect, 2 the worst); AURC,
+    the area under the risk-coverage curve, as the mean error rate over coverages k/N (a fraction, 0 to 1).
+    """
+    probs, labels = probs.double(), torch.as_tensor(labels).long()
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
     result = dict(top1_err=float(100 * (probs.argmax(dim=1) != labels).double().mean()),
-                  nll=nll(probs, labels), brier=brier_score(probs, labels),
+                  nll=float(-p_true.clamp_min(torch.finfo(torch.float64).tiny).log().mean()),
+                  brier=float((probs - F.one_hot(labels, probs.shape[1])).square().sum(dim=1).mean()),
                   ece=expected_calibration_error(probs, labels))
     for c in COVERAGES:
         result[f'err_at_{round(100 * c)}_coverage'] = error_at_coverage(probs, labels, c)
-    result['aurc'] = aurc(probs, labels)
+    result['aurc'] = float(risk_coverage(probs, labels).mean())
     return result
 
 
@@ -241,13 +216,10 @@ def mc_predict_images(model: nn.Module, images, mean: Sequence[float], std: Sequ
     With the batch gate (the paper's) every pass draws one gate per block for its ``batch_size`` images,
     as a training mini-batch does.
     """
-    _check_samples(samples)
     device = next(model.parameters()).device
-    parts = []
-    for chunk in _chunks(images, batch_size, f'{samples} depth samples', progress):
-        x = data.normalize(chunk.to(device), mean, std)
-        parts.append(mc_predict(model, x, samples, generator))
-    return MCPrediction(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in MCPrediction._fields))
+    parts = [mc_predict(model, data.normalize(chunk.to(device), mean, std), samples, generator)
+             for chunk in _chunks(images, batch_size, f'{samples} depth samples', progress)]
+    return MCPrediction(*(torch.cat(field).cpu() for field in zip(*parts)))
 
 
 def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Sequence[float],
@@ -278,14 +250,10 @@ def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Seq
     report['uncertainty'] = {f'{name}_{kind}': float(values[mask].mean()) if mask.any() else None
                              for name, values in (('entropy', mc.entropy), ('mutual_info', mc.mutual_info))
                              for kind, mask in (('correct', ~wrong), ('wrong', wrong))}
+    bins = {key: reliability_bins(p, test_y) for key, p in probs.items()}
     report.update(temperature=temperature, samples=samples, n=len(test_y), val_n=len(val_y),
-                  reliability={key: _bins_json(p, test_y) for key, p in probs.items()})
+                  reliability={key: {k: v.tolist() for k, v in b.items()} for key, b in bins.items()})
     return report
-
-
-def _bins_json(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, List[float]]:
-    b = reliability_bins(probs, labels)
-    return {k: b[k].tolist() for k in ('count', 'confidence', 'accuracy')}
 
 
 # --- output --------------------------------------------------------------------------------------------------
@@ -319,17 +287,13 @@ def plot_reliability(report: Dict[str, object], path: Union[str, Path], title: s
     left = np.arange(ECE_BINS) * width
     for ax, (key, label) in zip(axes, _ROWS):
         bins = report['reliability'][key]
-        count = np.asarray(bins['count'])
-        acc = np.where(count > 0, bins['accuracy'], 0.0)
-        conf = np.where(count > 0, bins['confidence'], 0.0)
+        acc, conf = np.asarray(bins['accuracy']), np.asarray(bins['confidence'])
         ax.bar(left, acc, width=width, align='edge', color='tab:blue', edgecolor='white', label='accuracy')
         # The gap to the bin's mean confidence: above the bar the model is over-confident, below under-confident.
         ax.bar(left, conf - acc, bottom=acc, width=width, align='edge', color='tab:red', alpha=0.3,
                edgecolor='tab:red', hatch='//', label='gap to confidence')
         ax.plot([0, 1], [0, 1], color='grey', linestyle='--', linewidth=1)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel('confidence')
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='confidence')
         name = f'{label} ({report["samples"]} samples)' if key == 'mc' else label
         if key == 'temperature_scaled':
             name += f', T = {report["temperature"]:.2f}'
@@ -345,16 +309,8 @@ def plot_reliability(report: Dict[str, object], path: Union[str, Path], title: s
     return path
 
 
-def metrics_json(report: Dict[str, object], model: str, data_name: str) -> Dict[str, object]:
-    """What ``sd-zoo eval --mc-samples N --json`` prints: the report without the per-bin arrays."""
-    out = {k: v for k, v in report.items() if k != 'reliability'}
-    return dict(out, model=model, data=data_name)
-
-
 def run_mc_eval(args) -> int:
     """``sd-zoo eval --mc-samples N``: the calibration report of a PyTorch model on the test split."""
-    from .evaluate import eval_model, normalization
-
     if args.onnx:
         raise ConfigError('--mc-samples samples depths of the PyTorch model, and an ONNX file holds only the '
                           'deterministic expected-value net; pass --model or --checkpoint instead of --onnx')
@@ -363,7 +319,6 @@ def run_mc_eval(args) -> int:
                           'part of the training split); drop --split train')
     _check_samples(args.mc_samples)
     model, name = eval_model(args)
-    gated_blocks(model)
     generator = torch.Generator().manual_seed(args.seed)
     report = calibration_report(model, args.data, args.mc_samples, *normalization(model), limit=args.limit or None,
                                 batch_size=args.batch_size, generator=generator)
@@ -372,5 +327,5 @@ def run_mc_eval(args) -> int:
     if args.plot:
         print(f'reliability diagrams: {plot_reliability(report, args.plot, title)}')
     if args.json:
-        print(json.dumps(metrics_json(report, name, args.data)))
+        print(json.dumps(dict({k: v for k, v in report.items() if k != 'reliability'}, model=name, data=args.data)))
     return 0

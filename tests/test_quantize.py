@@ -2,6 +2,7 @@
 loads and that scores within a stated tolerance of fp32 on real test images, combined with pruning,
 the accuracy report, and user errors."""
 import json
+import sys
 from functools import partial
 
 import numpy as np
@@ -11,10 +12,10 @@ from onnx import numpy_helper
 
 from sd_zoo import data
 from sd_zoo.cli import main
-from sd_zoo.errors import DataNotFoundError
+from sd_zoo.errors import ConfigError, DataNotFoundError
 from sd_zoo.onnx_export import export_onnx, op_histogram
 from sd_zoo.onnx_runtime import OnnxClassifier
-from sd_zoo.quantize import LARGE_DROP, Int8Report, calibration_images, export_int8
+from sd_zoo.quantize import LARGE_DROP, Int8Report, calibration_images, export_int8, quantize_int8
 
 # int8 against fp32 on 300 real test images: at most this many points of top-1 error apart, and at least
 # this share of identical predictions (measured: +0.01 points, 97.9 % on the full test set).
@@ -125,3 +126,9 @@ def test_int8_json_report(tmp_path, capsys, monkeypatch, real_data):
     assert report['precision'] == 'fp32 -> int8' and report['path'] == str(out)
     assert report['int8']['n'] == 200 and abs(report['int8']['drop']) <= INT8_MAX_DROP
     assert f'int8 {report["int8"]["int8_top1_err"]:.2f}%' in printed
+
+
+def test_quantize_without_onnxruntime_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # what `import onnxruntime` meets when it is absent
+    with pytest.raises(ConfigError, match=r'ONNX Runtime is not installed: pip install "sd-zoo\[onnx\]"'):
+        quantize_int8(tmp_path / 'model.onnx', tmp_path / 'int8.onnx', 'cifar10', images=np.zeros((1, 32, 32, 3)))

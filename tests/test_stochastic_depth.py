@@ -179,6 +179,15 @@ def _block_with_fixed_branch(p, rule, gate):
     return block
 
 
+def _branch_train_mean_and_eval(block, x, draws):
+    """The branch output, the mean of ``draws`` training forwards, and the eval forward."""
+    with torch.no_grad():
+        branch = block.forward_branch(x)
+        train_mean = sum(block(x) for _ in range(draws)) / draws
+        block.eval()
+        return branch, train_mean, block(x)
+
+
 @pytest.mark.parametrize('rule', ['paper', 'inverted'])
 @pytest.mark.parametrize('gate', ['batch', 'sample'])
 def test_mean_of_training_sum_equals_eval_sum(rule, gate):
@@ -186,11 +195,7 @@ def test_mean_of_training_sum_equals_eval_sum(rule, gate):
     block = _block_with_fixed_branch(p, rule, gate)
     block.act2 = nn.Identity()  # look at the sum before the final ReLU
     x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        branch = block.forward_branch(x)
-        train_mean = sum(block(x) for _ in range(draws)) / draws
-        block.eval()
-        eval_sum = block(x)
+    branch, train_mean, eval_sum = _branch_train_mean_and_eval(block, x, draws)
     assert torch.allclose(eval_sum, x + (p if rule == 'paper' else 1.0) * branch, atol=1e-6)
     # Each element of the mean is shortcut + (k / draws) * c * branch with k ~ Binomial(draws, p).
     c = 1.0 if rule == 'paper' else 1.0 / p
@@ -202,11 +207,7 @@ def test_after_the_relu_the_means_differ():
     p, draws = 0.5, 2000
     block = _block_with_fixed_branch(p, 'paper', 'batch')
     x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        branch = block.forward_branch(x)
-        train_mean = sum(block(x) for _ in range(draws)) / draws
-        block.eval()
-        eval_out = block(x)
+    branch, train_mean, eval_out = _branch_train_mean_and_eval(block, x, draws)
     # E[relu(x + b f)] = p relu(x + f) + (1 - p) relu(x), which differs from relu(x + p f).
     exact_mean = p * torch.relu(x + branch) + (1 - p) * torch.relu(x)
     assert torch.allclose(eval_out, torch.relu(x + p * branch), atol=1e-6)
