@@ -118,6 +118,13 @@ def check_at_least(*checks) -> None:
             raise ConfigError(f'{flag} must be >= {low}, got {value}')
 
 
+def check_num_classes(name: str, num_classes: int, data_name: str) -> None:
+    """ConfigError when a model's class count differs from the data's."""
+    if num_classes != data.num_classes(data_name):
+        raise ConfigError(f'{name} has {num_classes} classes but {data_name} has {data.num_classes(data_name)}; '
+                          f'give the data the model was trained for')
+
+
 def eval_model(args) -> Tuple[torch.nn.Module, str]:
     """The PyTorch model of ``--model`` / ``--checkpoint`` on ``--device``, and its display name."""
     if not (args.model or args.checkpoint):
@@ -125,8 +132,7 @@ def eval_model(args) -> Tuple[torch.nn.Module, str]:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, model_name=args.model) if args.checkpoint else load_model(args.model)
     name = args.model or model.pretrained_cfg.get('architecture')
-    if model.num_classes != data.num_classes(args.data):
-        raise ConfigError(f'{name} has {model.num_classes} classes but {args.data} has {data.num_classes(args.data)}')
+    check_num_classes(name, model.num_classes, args.data)
     return model.to(device), name
 
 
@@ -134,9 +140,7 @@ def _build(args) -> Tuple[LogitsFn, str]:
     """The logits function and the model's display name."""
     if args.onnx:
         fn = _load_onnx(args.onnx, str(resolve_device(args.device)))
-        classes = getattr(fn, 'num_classes', None) or data.num_classes(args.data)
-        if classes != data.num_classes(args.data):
-            raise ConfigError(f'{args.onnx} has {classes} classes but {args.data} has {data.num_classes(args.data)}')
+        check_num_classes(args.onnx, getattr(fn, 'num_classes', None) or data.num_classes(args.data), args.data)
         return fn, args.model or Path(args.onnx).stem
     model, name = eval_model(args)
     return model_logits_fn(model, *normalization(model)), name

@@ -98,9 +98,8 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     """
     keep = overrides.pop('sd_keep_blocks', None)
     if keep is not None:  # pruning applies to the weights as trained, once they have loaded
-        model = load_model(source, pretrained=pretrained, model_name=model_name, **overrides)
-        model._finish_init(keep)
-        return model
+        from .pruning import apply_keep_blocks  # a top-level import would be circular (pruning -> evaluate -> here)
+        return apply_keep_blocks(load_model(source, pretrained=pretrained, model_name=model_name, **overrides), keep)
     path = Path(source)
     if path.is_dir():
         return load_hub_folder(path, **overrides)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import data
 from .errors import ConfigError
-from .evaluate import check_at_least, evaluate, load_eval_split, model_logits_fn, normalization
+from .evaluate import check_at_least, check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
 from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, kept_blocks, parse_order, prune_blocks
 
 REPEATS = {1: 300, 64: 40}
@@ -135,9 +135,10 @@ def format_table(curves: Dict[str, List[Dict[str, Any]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import onnxruntime
-
     from .loader import load_model
+    from .onnx_runtime import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()  # its install hint, before any model is loaded
 
     check_at_least(('--threads', args.threads, 1), ('--limit', args.limit, 1))
     torch.set_num_threads(args.threads)
@@ -145,11 +146,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f'--model repeats a model: {args.model}; name each once')
     models = {}
     for name in args.model:
-        model = load_model(name).eval()
-        if model.num_classes != data.num_classes(args.data):
-            raise ConfigError(f'{name} has {model.num_classes} classes but {args.data} has '
-                              f'{data.num_classes(args.data)}; give the data the model was trained for')
-        models[name] = model
+        models[name] = load_model(name).eval()
+        check_num_classes(name, models[name].num_classes, args.data)
     curves = measure_curves(models, args.data, args.prune_order, args.limit, args.threads,
                             importance_images=args.importance_images, progress=not args.quiet)
     title = data.dataset_info(args.data).title

@@ -18,6 +18,7 @@ from timm.models._features import feature_take_indices
 
 from .errors import ConfigError, InputShapeError
 from .pretrained import pretrained_state, resolve_tag, tag_model_args
+from .pruning import apply_keep_blocks
 from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
 
 
@@ -125,13 +126,8 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
         self.global_pool, self.fc = create_classifier(num_features, self.num_classes, pool_type=args.global_pool,
                                                       **args.dd)
         self.init_weights(**init_kwargs)
-        self._finish_init(args.keep_blocks)
-
-    def _finish_init(self, sd_keep_blocks: Optional[Sequence[int]]) -> None:
-        """Prune to ``sd_keep_blocks`` (global block indices)."""
-        if sd_keep_blocks is not None:
-            from .pruning import apply_keep_blocks
-            apply_keep_blocks(self, sd_keep_blocks)
+        if args.keep_blocks is not None:
+            apply_keep_blocks(self, args.keep_blocks)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -277,5 +273,5 @@ def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_l
         cfg['source'] = given.get('source') if isinstance(given, dict) else None
         model.pretrained_cfg = model.default_cfg = cfg
     if keep is not None:
-        model._finish_init(keep)
+        apply_keep_blocks(model, keep)
     return model

@@ -77,6 +77,12 @@ def describe_depth(model_args: Dict[str, object]) -> str:
     return f'stochastic depth (p_L = {p_last:g})'
 
 
+def check_gate_generator(generator: Optional[torch.Generator]) -> None:
+    """ConfigError unless ``generator`` is None or a CPU ``torch.Generator``: gates are decided on the host."""
+    if generator is not None and generator.device.type != 'cpu':
+        raise ConfigError('the gate generator must be a CPU torch.Generator (gates are decided on the host)')
+
+
 def expected_depth(probs: Iterable[float]) -> float:
     """Expected number of residual blocks executed per training mini-batch: sum of p_l (paper eq. 5)."""
     return float(sum(probs))
@@ -255,8 +261,7 @@ class StochasticDepthMixin:
 
     def set_gate_generator(self, generator: Optional[torch.Generator]) -> None:
         """Draw gates from ``generator`` (a CPU ``torch.Generator``), or from torch's global RNG if None."""
-        if generator is not None and generator.device.type != 'cpu':
-            raise ConfigError('the gate generator must be a CPU torch.Generator (gates are decided on the host)')
+        check_gate_generator(generator)
         self._gate_generator = generator
         for m in self.stochastic_depth_modules():
             m.generator = generator

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import data
 from .errors import ConfigError
 from .evaluate import eval_model, load_eval_split, model_logits_fn, normalization
-from .stochastic_depth import StochasticDepth
+from .stochastic_depth import StochasticDepth, check_gate_generator
 
 ECE_BINS = 15
 COVERAGES = (0.9, 0.8)
@@ -62,8 +62,7 @@ def depth_sampling(model: nn.Module, generator: Optional[torch.Generator] = None
     is as before: training flags, gate generators, planned gates and gate statistics.
     """
     blocks = gated_blocks(model)
-    if generator is not None and generator.device.type != 'cpu':
-        raise ConfigError('the gate generator must be a CPU torch.Generator (gates are decided on the host)')
+    check_gate_generator(generator)
     gates = [b.stochastic_depth for b in blocks]
     flags = [(m, m.training) for m in model.modules()]
     gate_state = [(g.generator, g.planned, g.num_calls, g.num_executed) for g in gates]

@@ -4,6 +4,7 @@ The table lists each bad input, run through the ``sd-zoo`` entry point in this p
 exception would surface here as a test error), with a piece of the one line it must print.
 """
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,9 @@ def _cases(tmp: Path):
         ('export: a tag without weights to load', ['export', '--model', 'sd_resnet20.c10j75', '-o', str(tmp / 'm.onnx')],
          'names published weights: add --pretrained'),
         ('plot: a missing run', ['plot', str(tmp / 'no_run'), '-o', str(tmp / 'p.png')], 'holds no finished epoch'),
+        ('prune-curve: data of another class count',
+         ['prune-curve', '--model', 'sd_resnet20.c10j75', '--data', 'cifar100-jpeg75', '--quiet'],
+         'has 10 classes but cifar100-jpeg75 has 100; give the data the model was trained for'),
         ('hub push without network', ['hub', 'push', str(HUB_FOLDER), '--repo-id', 'sd-zoo/test', '--token', 'x'],
          'could not push'),
     ]
@@ -121,3 +125,10 @@ def test_weights_with_flipped_tensor_bytes_are_refused_by_eval_and_export(tmp_pa
         err = capsys.readouterr().err
         assert f'{path} is corrupt: its tensors digest to' in err and 'but the file records' in err, err
     assert not (tmp_path / 'm.onnx').exists()
+
+
+def test_missing_onnx_runtime_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # what `import onnxruntime` meets when it is absent
+    assert cli.main(['prune-curve', '--model', 'sd_resnet20.c10j75', '--data', 'cifar10-jpeg75', '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert 'ONNX Runtime is not installed: pip install "sd-zoo[onnx]"' in err and 'Traceback' not in err
