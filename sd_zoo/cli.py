@@ -26,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, 'func', None):
-        parser.print_help()
-        return 2
+    # Filled as parsing goes, so that a number out of range (sd_zoo.cli_args), found while parsing, knows its command.
+    args = argparse.Namespace()
     try:
+        parser.parse_args(argv, args)
+        if not getattr(args, 'func', None):
+            parser.print_help()
+            return 2
         result = args.func(args)
     except SDZooError as e:
         if args.debug:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataNotFoundError
 from .files import atomic_write, sha256_file
+from .inputs import check_uint8_images
 
 # Published statistics of the lossless training sets (the JPEG copies are within 0.003 of them).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -37,7 +38,19 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
+# Label order: the alphabetical class folders of the JPEG copies, which is the originals' order too.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+CIFAR100_CLASSES = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
+    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
+    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest',
+    'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard',
+    'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid',
+    'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum',
+    'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper',
+    'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
+    'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf',
+    'woman', 'worm')
 
 VAL_SIZE = 5000  # the paper holds out 5,000 training images for validation
 SPLIT_SEED = 0   # fixed, so every run (any training seed) validates on the same 5,000 images
@@ -47,7 +60,7 @@ PAD = 4
 @dataclass(frozen=True)
 class DatasetInfo:
     title: str         # how results on it are quoted
-    num_classes: int
+    classes: Tuple[str, ...]  # names, in label order
     source: str        # file or folder name under the data root
     kind: str          # 'pickle' (torchvision layout), 'jpeg' (tar.gz of class folders) or 'npz'
     mean: Tuple[float, float, float]
@@ -55,19 +68,23 @@ class DatasetInfo:
     splits: Tuple[str, ...] = ('train', 'test')
     sha256: Optional[str] = None  # of the file as published (PROVENANCE.md of the data folder)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
 
 DATASETS: Dict[str, DatasetInfo] = {
-    'cifar10': DatasetInfo('CIFAR-10', 10, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
-    'cifar100': DatasetInfo('CIFAR-100', 100, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
+    'cifar10': DatasetInfo('CIFAR-10', CIFAR10_CLASSES, 'cifar-10-batches-py', 'pickle', CIFAR10_MEAN, CIFAR10_STD),
+    'cifar100': DatasetInfo('CIFAR-100', CIFAR100_CLASSES, 'cifar-100-python', 'pickle', CIFAR100_MEAN, CIFAR100_STD),
     'cifar10-jpeg75': DatasetInfo(
-        'CIFAR-10 (JPEG-75 copy)', 10, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD,
+        'CIFAR-10 (JPEG-75 copy)', CIFAR10_CLASSES, 'cifar10-jpeg75.tar.gz', 'jpeg', CIFAR10_MEAN, CIFAR10_STD,
         sha256='097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297'),
     'cifar100-jpeg75': DatasetInfo(
-        'CIFAR-100 (JPEG-75 copy)', 100, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD,
+        'CIFAR-100 (JPEG-75 copy)', CIFAR100_CLASSES, 'cifar100-jpeg75.tar.gz', 'jpeg', CIFAR100_MEAN, CIFAR100_STD,
         sha256='66a619d54ec09607d2de8ffc7ec4e9d9e1d594d5c9d9b58a9c3c40ccb3a3308c'),
     'cifar10-lossless4000': DatasetInfo(
-        'CIFAR-10 (first 4,000 lossless training images)', 10, 'cifar10-train-first4000-lossless.npz', 'npz',
-        CIFAR10_MEAN, CIFAR10_STD, splits=('train',),
+        'CIFAR-10 (first 4,000 lossless training images)', CIFAR10_CLASSES, 'cifar10-train-first4000-lossless.npz',
+        'npz', CIFAR10_MEAN, CIFAR10_STD, splits=('train',),
         sha256='5a3a42d44290a419b420982b8bebee85690907a7a4ec2535b9ce037d0c54d8cb'),
 }
 
@@ -274,6 +291,9 @@ def split_part(name: str, part: str, size: Optional[int] = None, root: Optional[
 
 def balanced_subset(labels: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
     """The first ``size`` of ``indices`` taken class by class: n // C per class, the remainder to the lowest labels."""
+    # Refused here, for every caller: a negative size would slice [:-1] per class and keep nearly everything.
+    if isinstance(size, bool) or size < 1:
+        raise ConfigError(f'a class-balanced subset needs a size >= 1, got {size}')
     n_classes = int(labels.max()) + 1
     per_class, extra = divmod(size, n_classes)
     picked = []
@@ -281,13 +301,19 @@ def balanced_subset(labels: np.ndarray, indices: np.ndarray, size: int) -> np.nd
         of_class = indices[labels[indices] == c]
         want = per_class + (c < extra)
         if len(of_class) < want:
-            raise ConfigError(f'train subset of {size}: class {c} has only {len(of_class)} training images')
+            raise ConfigError(f'class-balanced subset of {size}: class {c} has only {len(of_class)} images, '
+                              f'{want} needed; ask for fewer')
         picked.append(of_class[:want])
     return np.sort(np.concatenate(picked))
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and standardised per channel."""
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              what: str = 'sd_zoo.data.normalize') -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and standardised per channel.
+
+    ``what`` names the caller in the error for any other input (an InputShapeError saying what is expected).
+    """
+    check_uint8_images(images, len(mean), what)
     x = images.permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)

@@ -22,13 +22,19 @@ import numpy as np
 import torch
 
 from . import data, pretrained
+from .cli_args import COUNT, NON_NEGATIVE, add_number
 from .errors import ConfigError, DataNotFoundError, WeightsError
+from .evaluate import check_num_classes, load_eval_split, model_logits_fn
 from .loader import load_model
+from .pruning import training_data
 
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
     """(model in eval mode, where its weights came from, whether they are trained)."""
     if weights:
+        if not Path(weights).exists():  # else the loader would take it for a model name
+            raise ConfigError(f'--weights {weights}: no such file or folder; give a Hub folder (hub_configs/NAME) '
+                              f'or a .safetensors file written by sd-zoo')
         return load_model(weights), str(weights), True
     try:
         model = load_model(name)
@@ -45,10 +51,14 @@ def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.
 
 
 def class_names(model) -> Optional[List[str]]:
+    """The weights' class names: their config's, else those of the data they record (None where neither says)."""
     names = model.pretrained_cfg.get('label_names')
     if names:
         return list(names)
-    return list(data.CIFAR10_CLASSES) if model.num_classes == len(data.CIFAR10_CLASSES) else None
+    # Never guessed from the class count alone: SVHN's 10 digits are not CIFAR-10's 10 classes.
+    trained_on = training_data(model)
+    names = data.dataset_info(trained_on).classes if trained_on else ()
+    return list(names) if len(names) == model.num_classes else None
 
 
 def load_images(paths: Sequence[str], model) -> torch.Tensor:
@@ -73,14 +83,13 @@ def demo_inputs(args, model) -> Tuple[Any, Optional[np.ndarray], str]:
         return load_images(args.images, model), None, f'{len(args.images)} image file(s)'
     if not args.random:
         try:
-            images, labels = data.load_split(args.data, 'test')
-            title = data.dataset_info(args.data).title
-            if args.limit and args.limit < len(labels):
-                idx = data.balanced_subset(labels, np.arange(len(labels)), args.limit)
-                return images[idx], labels[idx], f'{len(idx)} {title} test images (class-balanced subset)'
-            return images, labels, f'all {len(labels)} {title} test images'
+            images, labels = load_eval_split(args.data, 'test', args.limit)
         except DataNotFoundError as e:
             print(f'NOTE: {e}\nNOTE: using random images instead (no labels, so no accuracy)')
+        else:
+            title = data.dataset_info(args.data).title
+            return images, labels, (f'{len(labels)} {title} test images (class-balanced subset)' if args.limit
+                                    else f'all {len(labels)} {title} test images')
     n = args.random or 64
     size = tuple(model.pretrained_cfg['input_size'])
     images = np.random.default_rng(0).integers(0, 256, (n, size[1], size[2], size[0]), dtype=np.uint8)
@@ -101,7 +110,6 @@ def top1_err(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def run_demo(args) -> Dict[str, Any]:
     """Run the demo as ``args`` say (the subcommand's options); print as it goes, return the numbers."""
-    from .evaluate import model_logits_fn
     from .onnx_export import export_onnx
     from .onnx_runtime import OnnxClassifier, time_interleaved
 
@@ -113,6 +121,8 @@ def run_demo(args) -> Dict[str, Any]:
     weights = Path(args.weights) if args.weights else None
     name = (weights.name if weights.is_dir() else weights.stem) if weights else args.model
     print(f'model: {name}, weights from {source}')
+    if not (args.images or args.random):  # the test set's labels must be the weights' classes
+        check_num_classes(name, model.num_classes, args.data)
     images, labels, what = demo_inputs(args, model)
     print(f'inputs: {what}')
 
@@ -154,6 +164,8 @@ def run_demo(args) -> Dict[str, Any]:
               + ('' if trained else ' (untrained model: chance level)'))
     if args.images:
         names = class_names(model)
+        if names is None:
+            print(f'NOTE: {name} records neither class names nor its training data: classes are shown by number')
         probs = torch.as_tensor(torch_logits).softmax(-1)
         for path, p in zip(args.images, probs):
             top = p.topk(min(3, len(p)))
@@ -182,11 +194,11 @@ def add_parser(subparsers) -> None:
     p.add_argument('--model', default='sd_resnet20.c10j75', help='pretrained name model.tag (default: %(default)s)')
     p.add_argument('--weights', help='a hub folder (hub_configs/NAME) or a safetensors file to use instead')
     p.add_argument('--data', default='cifar10-jpeg75', help='test set when no images are given (default: %(default)s)')
-    p.add_argument('--limit', type=int, default=1000,
-                   help='class-balanced subset of the test set, 0 for all (default: %(default)s)')
-    p.add_argument('--random', type=int, metavar='N', help='classify N random images instead of the test set')
+    add_number(p, '--limit', bound=NON_NEGATIVE, default=1000,
+               help='class-balanced subset of the test set, 0 for all (default: %(default)s)')
+    add_number(p, '--random', bound=COUNT, metavar='N', help='classify N random images instead of the test set')
     p.add_argument('--onnx', metavar='PATH', help='keep the exported ONNX file here (default: a temporary file)')
-    p.add_argument('--batch-size', type=int, default=250)
-    p.add_argument('--repeats', type=int, default=20, help='runs of the batch-1 latency timing')
-    p.add_argument('--num-threads', type=int, help='threads for torch and ONNX Runtime (default: theirs)')
+    add_number(p, '--batch-size', bound=COUNT, default=250)
+    add_number(p, '--repeats', bound=COUNT, default=20, help='runs of the batch-1 latency timing')
+    add_number(p, '--num-threads', bound=COUNT, help='threads for torch and ONNX Runtime (default: theirs)')
     p.set_defaults(func=run)

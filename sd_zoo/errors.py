@@ -14,7 +14,7 @@ class ConfigError(SDZooError, ValueError):
 
 
 class InputShapeError(SDZooError, ValueError):
-    """A tensor given to a model has the wrong rank or channel count."""
+    """An input batch has the wrong shape, dtype or value range for what takes it (see ``sd_zoo.inputs``)."""
 
 
 class DataNotFoundError(SDZooError, FileNotFoundError):

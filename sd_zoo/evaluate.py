@@ -6,7 +6,9 @@ same :func:`evaluate` therefore scores a PyTorch model (:func:`model_logits_fn`)
 (``sd_zoo.onnx_runtime.OnnxClassifier(path)``, which must follow that contract) or anything else.
 
 Models come from :func:`sd_zoo.load_model`: a pretrained tag, a Hub folder, or a safetensors file
-written by ``sd-zoo train``, each rebuilt with the settings and normalisation it was trained with.
+written by ``sd-zoo train``, each rebuilt with the settings and normalisation it was trained with. The
+result names the weights it came from (``sd_zoo.loader.Provenance``): a file by its path and sha256, a
+published tag's name only for the published weights of that tag.
 """
 import argparse
 import importlib.util
@@ -19,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from . import data
+from .cli_args import COUNT, NON_NEGATIVE, add_number
 from .errors import ConfigError
-from .loader import load_model
+from .files import sha256_file
+from .loader import Provenance, load_named
 
 LogitsFn = Callable[[torch.Tensor], object]
 
@@ -30,11 +34,12 @@ def model_logits_fn(model: torch.nn.Module, mean: Sequence[float], std: Sequence
     """Eval-mode logits of a PyTorch model for uint8 HWC batches, normalised on the model's device."""
     device = next(model.parameters()).device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    what = f'the logits function of {(getattr(model, "pretrained_cfg", None) or {}).get("architecture", "a model")}'
 
     @torch.no_grad()
     def logits_fn(images: torch.Tensor) -> torch.Tensor:
         model.eval()
-        x = data.normalize(torch.as_tensor(images).to(device), mean, std).contiguous(memory_format=memory_format)
+        x = data.normalize(torch.as_tensor(images).to(device), mean, std, what).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return model(x).float()
     return logits_fn
@@ -67,6 +72,7 @@ def evaluate_model(model: torch.nn.Module, data_name: str, split: str = 'test', 
                    limit: Optional[int] = None, root=None) -> Dict[str, float]:
     """Top-1 / top-5 error of ``model`` on a dataset split (``limit`` images, class-balanced, if given),
     inputs normalised as its weights expect (:func:`normalization`)."""
+    check_model_fits(model, data_name)
     images, labels = load_eval_split(data_name, split, limit, root)
     return evaluate(model_logits_fn(model, *normalization(model)), images, labels, batch_size)
 
@@ -111,13 +117,6 @@ def _load_onnx(path: str, device: str) -> LogitsFn:
     return OnnxClassifier(path, provider='cuda' if device.startswith('cuda') else 'cpu')
 
 
-def check_at_least(*checks) -> None:
-    """ConfigError for the first ``(flag, value, low)`` whose value is given and below ``low``."""
-    for flag, value, low in checks:
-        if value is not None and value < low:
-            raise ConfigError(f'{flag} must be >= {low}, got {value}')
-
-
 def check_num_classes(name: str, num_classes: int, data_name: str) -> None:
     """ConfigError when a model's class count differs from the data's."""
     if num_classes != data.num_classes(data_name):
@@ -125,30 +124,36 @@ def check_num_classes(name: str, num_classes: int, data_name: str) -> None:
                           f'give the data the model was trained for')
 
 
-def eval_model(args) -> Tuple[torch.nn.Module, str]:
-    """The PyTorch model of ``--model`` / ``--checkpoint`` on ``--device``, and its display name."""
+def check_model_fits(model: torch.nn.Module, data_name: str) -> None:
+    """:func:`check_num_classes` of a model, named by its architecture."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    check_num_classes(cfg.get('architecture', type(model).__name__), model.num_classes, data_name)
+
+
+def eval_model(args) -> Tuple[torch.nn.Module, Provenance]:
+    """The PyTorch model of ``--model`` / ``--checkpoint`` on ``--device``, and what its results name it by."""
     if not (args.model or args.checkpoint):
         raise ConfigError('give --model NAME[.TAG] (pretrained weights) or --checkpoint FILE')
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, model_name=args.model) if args.checkpoint else load_model(args.model)
-    name = args.model or model.pretrained_cfg.get('architecture')
-    check_num_classes(name, model.num_classes, args.data)
-    return model.to(device), name
+    model, named = load_named(args.checkpoint, model_name=args.model) if args.checkpoint else load_named(args.model)
+    check_num_classes(named.model, model.num_classes, args.data)
+    return model.to(device), named
 
 
-def _build(args) -> Tuple[LogitsFn, str]:
-    """The logits function and the model's display name."""
+def _build(args) -> Tuple[LogitsFn, Provenance]:
+    """The logits function and what its results name the weights by."""
     if args.onnx:
+        if args.model or args.checkpoint:
+            raise ConfigError('--onnx scores the ONNX file alone: drop --model and --checkpoint (to compare it '
+                              'with PyTorch weights, run sd-zoo validate FILE.onnx --checkpoint ...)')
         fn = _load_onnx(args.onnx, str(resolve_device(args.device)))
         check_num_classes(args.onnx, getattr(fn, 'num_classes', None) or data.num_classes(args.data), args.data)
-        return fn, args.model or Path(args.onnx).stem
-    model, name = eval_model(args)
-    return model_logits_fn(model, *normalization(model)), name
+        return fn, Provenance(Path(args.onnx).stem, args.onnx, sha256_file(args.onnx))
+    model, named = eval_model(args)
+    return model_logits_fn(model, *normalization(model)), named
 
 
 def run(args: argparse.Namespace) -> int:
-    check_at_least(('--batch-size', args.batch_size, 1), ('--limit', args.limit, 0),
-                   ('--num-threads', args.num_threads, 1))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.mc_samples is not None:  # depth sampling needs the PyTorch model itself, not a logits function
@@ -156,13 +161,13 @@ def run(args: argparse.Namespace) -> int:
         return run_mc_eval(args)
     if args.plot:
         raise ConfigError('--plot draws the reliability diagrams of --mc-samples N; add --mc-samples')
-    logits_fn, name = _build(args)
+    logits_fn, named = _build(args)
     images, labels = load_eval_split(args.data, args.split, args.limit)
     result = evaluate(logits_fn, images, labels, args.batch_size)
-    print(f'{name} on {data.dataset_info(args.data).title} {args.split} ({result["n"]} images): '
+    print(f'{named} on {data.dataset_info(args.data).title} {args.split} ({result["n"]} images): '
           f'top-1 error {result["top1_err"]:.2f}%, top-5 error {result["top5_err"]:.2f}%')
     if args.json:
-        print(json.dumps(dict(result, model=name, data=args.data, split=args.split)))
+        print(json.dumps(dict(result, **named.fields(), data=args.data, split=args.split)))
     return 0
 
 
@@ -175,15 +180,15 @@ def add_parser(subparsers) -> None:
     p.add_argument('--onnx', help='ONNX file, run through sd_zoo.onnx_runtime')
     p.add_argument('--data', required=True, choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))
-    p.add_argument('--batch-size', type=int, default=1000)
-    p.add_argument('--limit', type=int, metavar='N', help='score only the first N images, class-balanced')
+    add_number(p, '--batch-size', bound=COUNT, default=1000)
+    add_number(p, '--limit', bound=NON_NEGATIVE, metavar='N', help='score only the first N images, class-balanced')
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if available)')
-    p.add_argument('--num-threads', type=int, help='torch CPU threads (default: torch decides)')
+    add_number(p, '--num-threads', bound=COUNT, help='torch CPU threads (default: torch decides)')
     p.add_argument('--json', action='store_true', help='print one JSON object last (top1_err, top5_err, n, ...)')
     g = p.add_argument_group('uncertainty from depth (sd_zoo.uncertainty)')
-    g.add_argument('--mc-samples', type=int, metavar='N',
-                   help='calibration of the expected-value net, of it temperature-scaled (T fitted on the validation '
-                        'images held out of training; --limit caps them too) and of an N-sample depth ensemble')
+    add_number(g, '--mc-samples', bound=COUNT, metavar='N',
+               help='calibration of the expected-value net, of it temperature-scaled (T fitted on the validation '
+                    'images held out of training; --limit caps them too) and of an N-sample depth ensemble')
     g.add_argument('--plot', metavar='FILE', help='with --mc-samples: reliability diagrams side by side (PNG)')
-    g.add_argument('--seed', type=int, default=0, help='seed of the depth samples (default 0)')
+    add_number(g, '--seed', bound=NON_NEGATIVE, default=0, help='seed of the depth samples (default 0)')
     p.set_defaults(func=run)

@@ -36,12 +36,14 @@ import timm
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from . import checkpoint as ckpt, data, pretrained
+from .cli_args import NON_NEGATIVE, add_number
 from .errors import ConfigError, SDZooError, WeightsError
-from .evaluate import evaluate_model
+from .evaluate import check_num_classes, evaluate_model
 from .files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
 from .loader import load_model
 from .model_card import TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, \
     render_card
+from .metrics_plot import read_metrics
 from .prune_curve import pruning_table
 from .schedule_plot import plot_schedule
 
@@ -120,6 +122,12 @@ def _duration(seconds: Optional[float]) -> Optional[str]:
     return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
 
 
+def _mean_epoch_seconds(run_dir: Path) -> Optional[float]:
+    """Mean training time of one epoch (without evaluation) over the run's logged epochs."""
+    times = [row['epoch_time_s'] for row in read_metrics(run_dir) if row.get('epoch_time_s')]
+    return sum(times) / len(times) if times else None
+
+
 def _arch_title(arch: str) -> str:
     doc = timm.models.model_entrypoint(arch).__doc__ or ''
     match = re.search(r'(CIFAR )?ResNet-\d+', doc)
@@ -143,14 +151,17 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         std=list(cfg['std']), params=params, macs=macs, sd=model.sd_config(), expected_depth=model.expected_depth,
         constant_depth=model.expected_depth == model.num_blocks, sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
-        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device')),
+        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device'), run_info.get('precision')),
         reproduce_command=command,
         run=dict(
             checkpoint=checkpoint_name, dir_name=output, best_val_epoch=summary.get('best_val_epoch'),
             final_epoch=summary.get('final_epoch'), test_err_at_best_val=summary.get('test_err_at_best_val'),
             final_test_err=summary.get('final_test_err'), test_subset=config.get('test_subset'),
             total_time=_duration(summary.get('total_time_s')), device=run_info.get('device'),
-            world_size=run_info.get('world_size'), torch=run_info.get('torch')),
+            world_size=run_info.get('world_size'), torch=run_info.get('torch'),
+            processor=run_info.get('processor'), threads=run_info.get('threads'),
+            precision=run_info.get('precision', '').removeprefix('precision: ') or None,
+            epoch_s=_mean_epoch_seconds(run_dir)),
         **_data_facts(data_name))
 
 
@@ -210,6 +221,7 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
         raise ConfigError(f'neither {checkpoint} nor the run summary says which data it was trained on')
     model, arch, tag = _tagged_model(checkpoint, model_name, data_name, tag)
     name = f'{arch}.{tag}'
+    check_num_classes(name, model.num_classes, data_name)  # its card and label names describe that data
     out = Path(out) if out is not None else default_out()
     folder = out / name
     if folder.exists() and not force:
@@ -221,8 +233,7 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out))  # built aside, then swapped in whole
     try:
-        cifar10 = model.num_classes == len(data.CIFAR10_CLASSES)
-        save_for_hf(model, tmp, model_config=dict(label_names=list(data.CIFAR10_CLASSES)) if cifar10 else None,
+        save_for_hf(model, tmp, model_config=dict(label_names=list(data.dataset_info(data_name).classes)),
                     model_args=model.sd_config(), safe_serialization=True)
         # Same tensors again, now with sd-zoo's metadata, so the file also stands alone (sd-zoo eval).
         ckpt.save_weights(model, tmp / WEIGHTS, arch, data=data_name, tag=tag)
@@ -321,16 +332,18 @@ def _check_weights(folder: Path, model, name: str) -> Tuple[List[str], Optional[
     except WeightsError as e:
         problems.append(str(e))
     loaded = not problems
-    if pretrained.is_shipped(folder):
-        entry = pretrained.load_manifest().get(name)
-        if entry is None:
+    # Wherever the folder lives: a folder named after a published model.tag would go up as that tag.
+    entry = pretrained.load_manifest().get(name)
+    if entry is None:
+        if pretrained.is_shipped(folder):
             problems.append(f'{name} is shipped but not in sd_zoo/published.json (rebuild it with sd-zoo hub build)')
-        elif entry.get('sha256') != sha256:
-            problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, '
-                            f'the file has {sha256}')
-        elif not _same(entry.get('model_args'), model.sd_config()):
-            problems.append(f'sd_zoo/published.json records model_args {entry.get("model_args")} for {name}, the '
-                            f'folder builds {model.sd_config()}')
+    elif entry.get('sha256') != sha256:
+        problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, the file has '
+                        f'{sha256}: not the published weights of {name}; to publish them as its new version, '
+                        f"build them into the checkout's hub_configs/ (sd-zoo hub build --force), which records them")
+    elif not _same(entry.get('model_args'), model.sd_config()):
+        problems.append(f'sd_zoo/published.json records model_args {entry.get("model_args")} for {name}, the '
+                        f'folder builds {model.sd_config()}')
     return problems, sha256, loaded
 
 
@@ -435,7 +448,7 @@ def push(folder: PathLike, repo_id: str, private: bool = False, token: Optional[
     folder = Path(folder)
     problems = check(folder, evaluate=False)
     if problems:
-        raise WeightsError(f'{folder} is not fit to push:\n  ' + '\n  '.join(problems))
+        raise WeightsError(f'{folder} is not fit to push: {"; ".join(problems)}')
     files = upload_files(folder)
     if dry_run:
         return [(f, (folder / f).stat().st_size, sha256_file(folder / f)) for f in files]
@@ -508,8 +521,11 @@ def run_build(args) -> int:
         else pretrained.MANIFEST_PATH
     folder = build(args.run, args.checkpoint, args.model, args.tag, out, evaluate=not args.skip_eval,
                    limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows)
-    print(f'wrote {folder}/ ({", ".join(upload_files(folder))})'
-          + (f'; recorded in {manifest.name}' if manifest else ''))
+    recorded = pretrained.load_manifest().get(folder.name, {}).get('sha256')
+    note = f'; recorded in {manifest.name}' if manifest else \
+        (f'; not recorded in sd_zoo/published.json, which publishes other weights as {folder.name}: hub check and '
+         f'push refuse this folder' if recorded not in (None, sha256_file(folder / WEIGHTS)) else '')
+    print(f'wrote {folder}/ ({", ".join(upload_files(folder))}){note}')
     return 0
 
 
@@ -557,18 +573,18 @@ def add_parser(subparsers) -> None:
     b.add_argument('--tag', help='pretrained tag (default: from the data and drop_path_rate, e.g. c10j75, c10j75_cd)')
     b.add_argument('--out', help='parent folder (default: the checkout\'s hub_configs/)')
     b.add_argument('--skip-eval', action='store_true', help='take the test error from the run instead of measuring')
-    b.add_argument('--limit', type=int, metavar='N', help='evaluate a class-balanced subset of N test images')
+    add_number(b, '--limit', bound=NON_NEGATIVE, metavar='N', help='evaluate a class-balanced subset of N test images')
     b.add_argument('--no-manifest', action='store_true', help='do not record the weights in sd_zoo/published.json')
     b.add_argument('--force', action='store_true', help='replace an existing folder of the same model.tag')
-    b.add_argument('--pruning-rows', type=int, default=7, metavar='N',
-                   help="depths in the card's pruning table (default %(default)s; 0 for none)")
+    add_number(b, '--pruning-rows', bound=NON_NEGATIVE, default=7, metavar='N',
+               help="depths in the card's pruning table (default %(default)s; 0 for none)")
     b.set_defaults(func=run_build)
 
     c = sub.add_parser('check', help='verify hub folders: config, strict weight load, card metrics and sha256')
     c.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
     c.add_argument('--skip-eval', action='store_true', help='do not re-measure the card\'s metrics (large models)')
-    c.add_argument('--limit', type=int, metavar='N',
-                   help='evaluate a class-balanced subset of N test images (compared within sampling error)')
+    add_number(c, '--limit', bound=NON_NEGATIVE, metavar='N',
+               help='evaluate a class-balanced subset of N test images (compared within sampling error)')
     c.set_defaults(func=run_check)
 
     u = sub.add_parser('push', help='upload a hub folder with huggingface_hub')

@@ -10,11 +10,15 @@ The model comes back in eval mode, built with the settings its weights were trai
 overrides replace them), and its ``pretrained_cfg`` carries the normalisation those weights expect
 (``mean``, ``std``): evaluation, export, validation, the demo and the Hub tools all read it there.
 Every byte of the weights is verified first (``checkpoint.load_state_dict``).
+
+The commands load through :func:`load_named`, which also gives the :class:`Provenance` their results name
+the weights by: a file by its path and sha256, and a published ``model.tag`` only for its published weights.
 """
 import argparse
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 from timm.models import split_model_name_tag
@@ -22,8 +26,9 @@ from torch import nn
 
 from . import data
 from .checkpoint import load_into, load_state_dict, read_metadata
+from .cli_args import PROBABILITY, add_number
 from .errors import ConfigError, WeightsError
-from .files import PICKLE_SUFFIXES, PathLike
+from .files import PICKLE_SUFFIXES, PathLike, sha256_file
 from . import pretrained as registry
 
 # The stochastic-depth create_model arguments that the command line sets (one flag each).
@@ -85,6 +90,12 @@ def load_hub_folder(folder: PathLike, **overrides: Any) -> nn.Module:
     return timm.create_model(f'local-dir:{folder}', pretrained=True, **overrides).eval()
 
 
+def is_weights_path(source: PathLike) -> bool:
+    """Whether :func:`load_model` reads ``source`` as a Hub folder or a weights file (else it is a model name)."""
+    path = Path(source)
+    return path.is_dir() or path.suffix == '.safetensors' or path.suffix in PICKLE_SUFFIXES or path.is_file()
+
+
 def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optional[str] = None,
                **overrides: Any) -> nn.Module:
     """A model in eval mode from a name, ``name.tag``, a Hub folder or a weights file; see the module doc.
@@ -103,7 +114,7 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     path = Path(source)
     if path.is_dir():
         return load_hub_folder(path, **overrides)
-    if path.suffix == '.safetensors' or path.suffix in PICKLE_SUFFIXES or path.is_file():
+    if is_weights_path(path):
         return load_weights_file(path, model_name, **overrides)
     name = str(source)
     check_model_name(name)
@@ -115,6 +126,82 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     if (shipped / registry.WEIGHTS_FILE).is_file():
         return load_hub_folder(shipped, **overrides)
     return timm.create_model(f'{arch}.{tag}', pretrained=True, **overrides).eval()
+
+
+# --- what a result names its weights by ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a result (a printed line, a JSON field, ONNX metadata) names its weights by.
+
+    ``model`` is the published ``model.tag`` only for the very weights published.json records for it, else
+    the architecture; ``weights`` is the tag, the file or folder the weights were read from, or
+    ``'random initialisation'``; ``sha256`` the digest of the weights file, where known.
+    """
+    model: str
+    weights: str
+    sha256: Optional[str] = None
+
+    def fields(self) -> Dict[str, str]:
+        """``model``, ``weights`` and ``weights_sha256`` (where known), for JSON output and metadata."""
+        return dict(model=self.model, weights=self.weights, **({'weights_sha256': self.sha256} if self.sha256 else {}))
+
+    def __str__(self) -> str:
+        if self.weights == self.model:
+            return self.model
+        return f'{self.model} ({self.weights}' + (f', sha256 {self.sha256[:12]})' if self.sha256 else ')')
+
+
+def weights_file(source: PathLike) -> Path:
+    """The safetensors file a weights source holds: the file itself, or a Hub folder's model.safetensors."""
+    path = Path(source)
+    return path / registry.WEIGHTS_FILE if path.is_dir() else path
+
+
+def published_name(sha256: str) -> Optional[str]:
+    """The ``model.tag`` whose published weights have this sha256 (published.json), if any."""
+    return next((name for name, entry in registry.load_manifest().items() if entry.get('sha256') == sha256), None)
+
+
+def _refuse_tag_for_other_weights(model_name: str, source: PathLike, sha256: str) -> None:
+    """A ``model.tag`` names the published weights of the tag; a file holding others may not carry its name."""
+    arch, tag = split_model_name_tag(model_name)
+    if not tag:
+        return
+    recorded = registry.load_manifest().get(model_name, {}).get('sha256')
+    if recorded == sha256:
+        return
+    mismatch = (f'the published weights of that tag (sha256 {recorded[:12]}), but {source} holds others '
+                f'(sha256 {sha256[:12]})' if recorded else
+                f'published weights, but that tag has none, so {source} cannot be them')
+    raise ConfigError(f'--model {model_name} names {mismatch}: give its architecture (--model {arch}) or no '
+                      f'--model, and the results are named after the file')
+
+
+def load_named(source: PathLike, *, pretrained: bool = True, model_name: Optional[str] = None,
+               **overrides: Any) -> Tuple[nn.Module, Provenance]:
+    """:func:`load_model`, and the :class:`Provenance` that results of the model must name.
+
+    A weights file or Hub folder is named after itself and its sha256, with the published ``model.tag``
+    whose recorded sha256 it has, else its architecture. ``model_name`` may give the architecture of a
+    file without metadata; a ``model.tag`` is accepted with a file only when the file holds the published
+    weights of that tag (else a ConfigError), so that no result carries a tag's name for other weights.
+    A name loads the published weights of its tag (of the architecture's default tag when it has none).
+    """
+    model = load_model(source, pretrained=pretrained, model_name=model_name, **overrides)
+    arch = model.pretrained_cfg.get('architecture') or split_model_name_tag(str(source))[0]
+    if is_weights_path(source):
+        sha256 = sha256_file(weights_file(source))
+        if model_name:
+            _refuse_tag_for_other_weights(model_name, source, sha256)
+        published = published_name(sha256)
+        name = published if published and split_model_name_tag(published)[0] == arch else arch
+        return model, Provenance(name, str(source), sha256)
+    if not pretrained:
+        return model, Provenance(arch, 'random initialisation')
+    tag = registry.resolve_tag(arch, split_model_name_tag(str(source))[1] or None)
+    name = f'{arch}.{tag}' if tag else arch
+    return model, Provenance(name, name, registry.load_manifest().get(name, {}).get('sha256'))
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -131,9 +218,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     from .stochastic_depth import GATES, RULES, SCHEDULES
 
     g = p.add_argument_group('stochastic depth (default: the model\'s own, or its tag\'s)')
-    g.add_argument('--drop-path-rate', type=float, metavar='R', help='1 - p_L: 0.5 in the paper, 0 = constant depth')
+    add_number(g, '--drop-path-rate', bound=PROBABILITY, type=float, metavar='R',
+               help='1 - p_L: 0.5 in the paper, 0 = constant depth')
     g.add_argument('--sd-schedule', choices=SCHEDULES, help='decay of survival probabilities over blocks')
-    g.add_argument('--sd-probs', type=_probabilities, metavar='P1,...,PL', help='explicit survival probabilities')
+    add_number(g, '--sd-probs', bound=PROBABILITY, type=_probabilities, metavar='P1,...,PL',
+               help='explicit survival probabilities')
     g.add_argument('--sd-gate', choices=GATES, help='one draw per block per mini-batch (paper) or per sample')
     g.add_argument('--sd-rule', choices=RULES, help='paper: eval scales branches by p_l; inverted: training divides')
 

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli_args import COUNT, add_number
 from .errors import ConfigError, ExportError
 from .files import atomic_write, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime
 from .pruning import parse_order, prune_blocks
 from .quantize import CALIBRATION_IMAGES, export_int8
-from .loader import add_model_arguments, model_args_of
+from .loader import Provenance, add_model_arguments, model_args_of
 from .stochastic_depth import StochasticDepth
 
 # Operators that would make the exported network stochastic; the export fails if any appears.
@@ -147,7 +148,9 @@ def _display_name(model: nn.Module) -> str:
 class ExportReport:
     """What :func:`export_onnx` wrote and how the file checked out."""
     path: str
-    model: str
+    model: str                   # names the weights as sd_zoo.loader.Provenance does, with source and sha256
+    source: str
+    weights_sha256: Optional[str]
     exporter: str
     opset: int
     precision: str
@@ -170,7 +173,8 @@ class ExportReport:
                  f'{self.logit_scale:.3g})' if self.tolerance is not None else
                  f'max |ORT fp16 - PyTorch fp32| {self.max_abs_diff:.3g} (logit scale {self.logit_scale:.3g}), '
                  f'top-1 agreement {100 * self.top1_agreement:.1f}% on {self.probe_batch} random inputs')
-        return (f'wrote {self.path} ({self.size_bytes / 2 ** 20:.1f} MiB): {self.model}, {self.precision}, '
+        weights = Provenance(self.model, self.source, self.weights_sha256)
+        return (f'wrote {self.path} ({self.size_bytes / 2 ** 20:.1f} MiB): {weights}, {self.precision}, '
                 f'opset {self.opset}, batch {self.batch}, {self.exporter} exporter\n'
                 f'  survival probabilities folded in {self.folded_blocks} blocks{kept}\n'
                 f'  operators: {ops}\n'
@@ -295,25 +299,28 @@ def _probe(path: str, reference: np.ndarray, example: np.ndarray, fp16: bool) ->
 def build_model(model_name: Optional[str] = None, pretrained: bool = False,
                 checkpoint: Optional[Union[str, os.PathLike]] = None,
                 model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to export (through :func:`sd_zoo.load_model`) and where its weights came from."""
+    """The model to export (through :func:`sd_zoo.loader.load_named`) and what names its weights: ``model``,
+    ``source`` (the checkpoint's file name, 'pretrained' or 'random initialisation') and ``weights_sha256``."""
     from timm.models import split_model_name_tag
 
-    from .loader import load_model
+    from .loader import load_named
 
     model_args = model_args or {}
     if checkpoint is not None:
         if pretrained:
             raise ConfigError('give either pretrained weights or a checkpoint, not both')
-        model = load_model(checkpoint, model_name=model_name, **model_args)
-        return model, dict(model=model_name or _display_name(model), source=Path(checkpoint).name)
-    if not model_name:
-        raise ConfigError('name the model to export (--model NAME[.TAG]) or give a checkpoint')
-    arch, tag = split_model_name_tag(model_name)
-    if tag and not pretrained:
-        raise ConfigError(f'{model_name} names published weights: add --pretrained to export them, or name the '
-                          f'bare architecture {arch} to export random weights')
-    model = load_model(model_name, pretrained=pretrained, **model_args)
-    return model, dict(model=model_name, source='pretrained' if pretrained else 'random initialisation')
+        model, named = load_named(checkpoint, model_name=model_name, **model_args)
+        source = Path(checkpoint).name  # not the whole path: the file travels to other machines
+    else:
+        if not model_name:
+            raise ConfigError('name the model to export (--model NAME[.TAG]) or give a checkpoint')
+        arch, tag = split_model_name_tag(model_name)
+        if tag and not pretrained:
+            raise ConfigError(f'{model_name} names published weights: add --pretrained to export them, or name '
+                              f'the bare architecture {arch} to export random weights')
+        model, named = load_named(model_name, pretrained=pretrained, **model_args)
+        source = 'pretrained' if pretrained else named.weights
+    return model, dict(model=named.model, source=source, weights_sha256=named.sha256)
 
 
 def _resolve_model(model, pretrained, checkpoint, model_args, mean, std):
@@ -325,7 +332,7 @@ def _resolve_model(model, pretrained, checkpoint, model_args, mean, std):
             raise ConfigError(
                 'pretrained, checkpoint and model_args apply to a model name; build the module with the '
                 'settings you want (timm.create_model(..., drop_path_rate=R)) and pass it alone')
-        facts = dict(model=_display_name(model), source='module')
+        facts = dict(model=_display_name(model), source='module', weights_sha256=None)
     else:
         model, facts = build_model(model, pretrained, checkpoint, model_args)
     default_mean, default_std = normalization(model)
@@ -350,6 +357,7 @@ def _metadata(model: nn.Module, facts: Dict[str, Any], input_size, fp16: bool, e
         expected_value=('identity gates (inverted rule)' if rules == {'inverted'} else
                         'survival probability p_l folded into the last norm of each residual branch'),
         precision='fp16' if fp16 else 'fp32', source=facts['source'],
+        **({'weights_sha256': facts['weights_sha256']} if facts['weights_sha256'] else {}),
         exporter=f'torch {torch.__version__} ({exporter})', version=sd_zoo.__version__,
         input=f'{INPUT_NAME}: float32 (N, C, H, W), RGB scaled to [0, 1] then (x - mean) / std',
         output=f'{OUTPUT_NAME}: float32 (N, num_classes)',
@@ -438,22 +446,21 @@ def export_onnx(
         check.update(_probe(str(tmp), reference, example.numpy(), fp16))
     atomic_write(output, write_and_check)
     return ExportReport(
-        path=str(output), model=facts['model'], exporter=used, opset=opset, precision='fp16' if fp16 else 'fp32',
+        path=str(output), model=facts['model'], source=facts['source'], weights_sha256=facts['weights_sha256'],
+        exporter=used, opset=opset, precision='fp16' if fp16 else 'fp32',
         batch='dynamic' if dynamic_batch else str(batch), size_bytes=output.stat().st_size,
         folded_blocks=folded, unfolded_blocks=unfolded, op_counts=op_histogram(proto), probe_batch=probe_n,
         metadata=metadata, **check)
 
 
 def parse_batch(value: str) -> Union[str, int]:
+    """'dynamic' or a whole number (whose range the flag's bound checks)."""
     if value == 'dynamic':
         return value
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f'expected "dynamic" or a positive batch size, got {value!r}')
-    return n
+        raise argparse.ArgumentTypeError(f'expected "dynamic" or a positive batch size, got {value!r}') from None
 
 
 def add_parser(subparsers) -> None:
@@ -466,23 +473,24 @@ def add_parser(subparsers) -> None:
     src.add_argument('--pretrained', action='store_true', help="load the tag's published weights")
     src.add_argument('--checkpoint', help='safetensors file written by sd-zoo (its sd settings are folded)')
     p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
-    p.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
+    add_number(p, '--opset', bound=COUNT, default=MIN_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
     p.add_argument('--fp16', action='store_true', help='float16 weights and compute, float32 input and output')
-    p.add_argument('--batch', type=parse_batch, default='dynamic', help='"dynamic" (default) or a fixed batch size')
+    add_number(p, '--batch', bound=COUNT, type=parse_batch, default='dynamic',
+               help='"dynamic" (default) or a fixed batch size')
     add_model_arguments(p)
     p.add_argument('--exporter', choices=EXPORTERS, default='auto',
                    help='torch.onnx path: dynamo (default, TorchScript if it fails) or torchscript')
     p.add_argument('--json', action='store_true', help='print the export report as one JSON object last')
     g = p.add_argument_group('deployment dials')
-    g.add_argument('--keep-blocks', type=int, metavar='N', help='depth-prune to N residual blocks (>= 1 per stage)')
+    add_number(g, '--keep-blocks', bound=COUNT, metavar='N', help='depth-prune to N residual blocks (>= 1 per stage)')
     g.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
                    help='blocks dropped first: survival (lowest p_l, default), importance (validation images of '
                         'the training data), or block indices i,j,...')
     g.add_argument('--int8', action='store_true', help='int8 static quantization (QDQ, per-channel weights)')
     g.add_argument('--calibration', metavar='DATA', help='training data for --int8 calibration and the importance '
                                                          'order (default for importance: what the weights saw)')
-    g.add_argument('--calibration-images', type=int, default=CALIBRATION_IMAGES, metavar='N',
-                   help='training images that calibrate --int8 (default %(default)s)')
+    add_number(g, '--calibration-images', bound=COUNT, default=CALIBRATION_IMAGES, metavar='N',
+               help='training images that calibrate --int8 (default %(default)s)')
     p.set_defaults(func=run)
 
 

@@ -2,7 +2,8 @@
 
 :class:`OnnxClassifier` wraps one ``InferenceSession`` and follows the ``logits_fn`` contract of
 ``sd_zoo.evaluate``: call it with uint8 images [N, H, W, C] (normalised here with the mean and std
-stored in the file) or with a float32 NCHW batch that is already normalised; it returns logits.
+stored in the file) or with a float NCHW batch that is already normalised; it returns logits. Anything
+else (another dtype or layout, a float image left in [0, 255]) is an InputShapeError saying what is expected.
 
 CPU sessions use full graph optimisation, sequential execution and one thread per physical core,
 which together make the exported network several times faster than PyTorch eager at batch 1.
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import ConfigError, ExportError, InputShapeError
 from .files import decode_metadata
+from .inputs import NORMALIZED, UINT8_IMAGES, check_normalized_values, check_uint8_images, dtype_name, is_float
 
 
 PROVIDERS = ('cpu', 'cuda')
@@ -34,8 +36,14 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def normalize_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 images [N, H, W, C] -> float32 [N, C, H, W] as ``(x / 255 - mean) / std``, the export's input."""
+def normalize_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                    what: str = 'normalize_uint8') -> np.ndarray:
+    """uint8 images [N, H, W, C] -> float32 [N, C, H, W] as ``(x / 255 - mean) / std``, the export's input.
+
+    ``what`` names the caller in the error for any other input (an InputShapeError saying what is expected).
+    """
+    images = np.asarray(images)
+    check_uint8_images(images, len(mean), what)
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
     x -= np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     x /= np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
@@ -170,7 +178,18 @@ class OnnxClassifier:
         x = np.asarray(x)
         if x.dtype == np.uint8:
             return self.predict_uint8(x)
+        self._check_float(x)
         return self._run(np.ascontiguousarray(x, dtype=self.input_dtype))
+
+    def _check_float(self, x) -> None:
+        """InputShapeError for a batch that is neither uint8 images nor a normalised float NCHW batch."""
+        if not is_float(x):
+            raise InputShapeError(f'{self.path.name} takes {UINT8_IMAGES} or {NORMALIZED}, got {dtype_name(x)} '
+                                  f'of shape {tuple(x.shape)}')
+        shape = tuple(x.shape)
+        # The layout first, whatever the batch size (a fixed-batch graph runs others in chunks).
+        self.check_input((self.input_shape[0] or shape[0],) + shape[1:] if len(shape) == 4 else shape)
+        check_normalized_values(x, self.path.name, alternative=', or pass the images as uint8 (N, H, W, C)')
 
     def predict_uint8(self, images: np.ndarray) -> np.ndarray:
         """Logits of uint8 images [N, H, W, C] (RGB), normalised as ``(x / 255 - mean) / std``."""
@@ -178,11 +197,8 @@ class OnnxClassifier:
             raise ExportError(
                 f'{self.path.name} stores no mean/std (not exported by sd-zoo?); pass mean= and std= to '
                 f'OnnxClassifier, or feed it normalised float NCHW batches')
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != len(self.mean):
-            raise InputShapeError(
-                f'predict_uint8 takes uint8 images (N, H, W, {len(self.mean)}), got {images.shape}')
-        return self._run(np.ascontiguousarray(normalize_uint8(images, self.mean, self.std), dtype=self.input_dtype))
+        x = normalize_uint8(images, self.mean, self.std, what=self.path.name)
+        return self._run(np.ascontiguousarray(x, dtype=self.input_dtype))
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         fixed = self.input_shape[0]
@@ -208,6 +224,7 @@ class OnnxClassifier:
         import torch
 
         x = x.detach().to(torch.float32).contiguous()
+        self._check_float(x)  # reading its peak costs little: ORT waits for the tensor below anyway
         self.check_input(tuple(x.shape))
         out = torch.empty((x.shape[0], self.num_classes), dtype=torch.float32, device=x.device)
         binding = self.session.io_binding()

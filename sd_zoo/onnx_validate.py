@@ -9,11 +9,12 @@ probabilities stored in the ONNX file, so both sides compute the same expected-v
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from . import data
+from .cli_args import COUNT, NON_NEGATIVE, add_number
 from .errors import ConfigError, ExportError
 from .onnx_runtime import PROVIDERS, OnnxClassifier
 
@@ -35,18 +36,21 @@ def check_fits_dataset(clf: OnnxClassifier, data_name: str, image_shape) -> None
 
 
 def pytorch_reference(clf: OnnxClassifier, model_name: Optional[str] = None, checkpoint: Optional[str] = None,
-                      pretrained: bool = False) -> Callable[[Any], Any]:
-    """uint8 -> logits of the PyTorch model an ONNX file was exported from, with the same normalisation."""
+                      pretrained: bool = False) -> Tuple[Callable[[Any], Any], str]:
+    """uint8 -> logits of the PyTorch model an ONNX file was exported from, with the same normalisation, and
+    the name of its weights (``sd_zoo.loader.Provenance``)."""
     from .evaluate import model_logits_fn
+    from .loader import Provenance
     from .onnx_export import build_model
 
     if checkpoint is None and not pretrained:
         raise ConfigError('the PyTorch reference needs weights: give --checkpoint FILE or --pretrained')
     # The settings the graph was exported with, whatever the weights file or tag says.
-    model, _ = build_model(model_name, pretrained, checkpoint, clf.metadata.get('model_args'))
+    model, facts = build_model(model_name, pretrained, checkpoint, clf.metadata.get('model_args'))
     if clf.mean is None:
         raise ExportError(f'{clf.path.name} stores no mean/std to normalise the PyTorch input with')
-    return model_logits_fn(model, clf.mean, clf.std)
+    named = Provenance(facts['model'], checkpoint or facts['source'], facts['weights_sha256'])
+    return model_logits_fn(model, clf.mean, clf.std), f'PyTorch {named}'
 
 
 def validate_onnx(path: Union[str, Path, OnnxClassifier], data_name: str = 'cifar10-jpeg75', split: str = 'test',
@@ -96,8 +100,8 @@ def add_parser(subparsers) -> None:
     p.add_argument('onnx', help='the .onnx file to score')
     p.add_argument('--data', default='cifar10-jpeg75', choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))
-    p.add_argument('--limit', type=int, help='score only the first N images of the split, class by class')
-    p.add_argument('--batch-size', type=int, default=500)
+    add_number(p, '--limit', bound=NON_NEGATIVE, help='score only the first N images of the split, class by class')
+    add_number(p, '--batch-size', bound=COUNT, default=500)
     p.add_argument('--provider', choices=PROVIDERS, default='cpu')
     ref = p.add_mutually_exclusive_group()
     ref.add_argument('--checkpoint', help='safetensors file the ONNX was exported from: report agreement with it')
@@ -114,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         reference, reference_name = OnnxClassifier(args.compare, args.provider), Path(args.compare).name
     elif args.checkpoint or args.model:
-        reference = pytorch_reference(clf, args.model, args.checkpoint, args.pretrained)
-        reference_name = f'PyTorch {args.checkpoint or args.model}'
+        reference, reference_name = pytorch_reference(clf, args.model, args.checkpoint, args.pretrained)
     result = validate_onnx(clf, args.data, args.split, args.limit, args.batch_size, reference=reference)
     print(format_result(result, reference_name))
     if args.json:

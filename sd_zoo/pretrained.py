@@ -58,9 +58,19 @@ TAGS: Dict[str, Tag] = {
     'c10j75_cd': _data_tag('cifar10-jpeg75', **CONSTANT),    # constant-depth baseline of c10j75
     'c100j75': _data_tag('cifar100-jpeg75', **SD),
     'c100j75_cd': _data_tag('cifar100-jpeg75', **CONSTANT),
+    'c10': _data_tag('cifar10', **SD),  # the lossless originals: the paper's setting
+    'c10_cd': _data_tag('cifar10', **CONSTANT),
+    'c100': _data_tag('cifar100', **SD),
+    'c100_cd': _data_tag('cifar100', **CONSTANT),
     'svhn': Tag('svhn', SD, 10, (0.5,) * 3, (0.5,) * 3),
     'in1k': Tag('imagenet-1k', SD, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+def trainable_tags() -> Tuple[str, ...]:
+    """The tags of data ``sd-zoo train`` trains on: every CIFAR architecture is registered with all of them,
+    so that any run of the trainer publishes under the tag that means its data and settings."""
+    return tuple(t for t, info in TAGS.items() if 'test' in getattr(data.DATASETS.get(info.data), 'splits', ()))
 
 
 def tag_info(tag: str) -> Tag:
@@ -76,7 +86,8 @@ def tag_for(data_name: str, model_args: Dict[str, Any]) -> str:
             return tag
     raise ConfigError(f'no pretrained tag means weights trained on {data_name} with {model_args}; the tags are '
                       f'{", ".join(f"{t} ({i.data}, {i.model_args})" for t, i in TAGS.items())}: '
-                      f'register one in sd_zoo/pretrained.py TAGS, or pass --tag')
+                      f'train with the settings of one of them, or add a tag that means these to TAGS in '
+                      f'sd_zoo/pretrained.py')
 
 
 def _cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
@@ -201,13 +212,14 @@ def hub_file(repo_id: str, name: str, filename: str = WEIGHTS_FILE, published: b
 
 def _hub_weights(repo_id: str, name: str, published: bool, cache_dir) -> Dict[str, Any]:
     path = hub_file(repo_id, name, published=published, cache_dir=cache_dir)
-    sha256 = _sha256_of_blob(path)
+    recorded = load_manifest().get(name, {}).get('sha256')
+    # A cache without symlinks holds copies under the file's own name: then the record is the digest to check.
+    sha256 = _sha256_of_blob(path) or recorded
     try:
         state = load_state_dict(path, sha256=sha256)
     except WeightsError as e:
         raise WeightsError(f'the cached weights of {name} fail their check: {e} (or seed them again with '
                            f'`sd-zoo hub seed-cache`)') from e
-    recorded = load_manifest().get(name, {}).get('sha256')
     if recorded and recorded != sha256:
         raise WeightsError(f'cached weights of {name} ({path}) have sha256 {sha256}, but '
                            f'sd_zoo/published.json records {recorded}: delete them from the cache and download '

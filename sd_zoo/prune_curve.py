@@ -21,7 +21,8 @@ from torch import nn
 
 from . import data
 from .errors import ConfigError
-from .evaluate import check_at_least, check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
+from .cli_args import COUNT, add_number
+from .evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
 from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, kept_blocks, parse_order, prune_blocks
 
 REPEATS = {1: 300, 64: 40}
@@ -63,6 +64,8 @@ def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival
     from .onnx_export import export_onnx
 
     repeats = repeats or REPEATS
+    for name, model in models.items():
+        check_num_classes(name, model.num_classes, data_name)
     images, labels = load_eval_split(data_name, 'test', limit)
     rows: Dict[str, List[Dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix='sd_zoo_prune_curve_') as tmp:
@@ -135,19 +138,16 @@ def format_table(curves: Dict[str, List[Dict[str, Any]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loader import load_model
+    from .loader import load_named
     from .onnx_runtime import import_onnxruntime
 
     onnxruntime = import_onnxruntime()  # its install hint, before any model is loaded
 
-    check_at_least(('--threads', args.threads, 1), ('--limit', args.limit, 1))
     torch.set_num_threads(args.threads)
     if len(set(args.model)) != len(args.model):
         raise ConfigError(f'--model repeats a model: {args.model}; name each once')
-    models = {}
-    for name in args.model:
-        models[name] = load_model(name).eval()
-        check_num_classes(name, models[name].num_classes, args.data)
+    loaded = {name: load_named(name) for name in args.model}
+    models = {name: model for name, (model, _) in loaded.items()}
     curves = measure_curves(models, args.data, args.prune_order, args.limit, args.threads,
                             importance_images=args.importance_images, progress=not args.quiet)
     title = data.dataset_info(args.data).title
@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         order = args.prune_order if isinstance(args.prune_order, str) else 'explicit'
         print(f'plot: {plot_curves(curves, args.plot, f"Depth pruning, {order} order; {title}, test split")}')
     if args.json:
-        print(json.dumps(dict(curves=curves, data=args.data, split='test', images=args.limit,
+        print(json.dumps(dict(curves=curves, weights={name: named.fields() for name, (_, named) in loaded.items()},
+                              data=args.data, split='test', images=args.limit,
                               prune_order=args.prune_order, threads=args.threads)))
     return 0
 
@@ -173,10 +174,10 @@ def add_parser(subparsers) -> None:
     p.add_argument('--data', required=True, choices=list(data.DATASETS), help='the test split scored')
     p.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
                    help='survival (default), importance, or block indices i,j,... dropped first')
-    p.add_argument('--limit', type=int, metavar='N', help='score only N test images, class-balanced')
-    p.add_argument('--importance-images', type=int, default=IMPORTANCE_IMAGES, metavar='N',
-                   help='validation images that rank blocks for --prune-order importance (default %(default)s)')
-    p.add_argument('--threads', type=int, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')
+    add_number(p, '--limit', bound=COUNT, metavar='N', help='score only N test images, class-balanced')
+    add_number(p, '--importance-images', bound=COUNT, default=IMPORTANCE_IMAGES, metavar='N',
+               help='validation images that rank blocks for --prune-order importance (default %(default)s)')
+    add_number(p, '--threads', bound=COUNT, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')
     p.add_argument('--plot', metavar='FILE', help='write the curves as a PNG')
     p.add_argument('--json', action='store_true', help='print {"curves": {TAG: [rows]}} as one JSON object last')
     p.add_argument('--quiet', action='store_true', help='no progress bars')

@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import DATASETS, normalize, split_part
 from .errors import ConfigError
-from .evaluate import normalization
+from .evaluate import check_model_fits, normalization
 from .pretrained import TAGS
 from .stochastic_depth import StochasticDepth
 
@@ -243,6 +243,7 @@ def importance_ranking(model: nn.Module, data: Optional[str], num_images: int = 
         raise ConfigError('the importance order scores blocks on validation images, and this model does not say '
                           'what it was trained on: name the training data (data="cifar10-jpeg75", or '
                           '--calibration DATA on the command line)')
+    check_model_fits(model, data)
     images, labels = validation_images(data, num_images)
     work = deepcopy(model).eval()
     device = next(work.parameters()).device

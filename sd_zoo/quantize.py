@@ -22,6 +22,7 @@ import numpy as np
 from .errors import ConfigError, ExportError
 from .files import atomic_write, decode_metadata, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime, normalize_uint8
+from .onnx_validate import check_fits_dataset
 
 CALIBRATION_IMAGES = 512
 CALIBRATION_BATCH = 64
@@ -153,6 +154,7 @@ def compare_on_test(fp32_path: Union[str, os.PathLike], int8_path: Union[str, os
     errs, preds = {}, {}
     for key, path in (('fp32', fp32_path), ('int8', int8_path)):
         clf = OnnxClassifier(path, threads=1)
+        check_fits_dataset(clf, data, images.shape[1:])
         logits = np.concatenate([clf.predict_uint8(images[i:i + 500]) for i in range(0, len(images), 500)])
         preds[key] = logits.argmax(1)
         errs[key] = 100.0 * float((preds[key] != labels).mean())
@@ -174,8 +176,10 @@ def export_int8(export: Callable[[Path], Any], output: Union[str, os.PathLike], 
         raise ConfigError('--int8 and --fp16 exclude each other: int8 quantizes the fp32 graph; choose one')
     images = calibration_images(data, num_images)  # missing data fails before the export
     with tempfile.TemporaryDirectory(prefix='sd_zoo_int8_') as tmp:
-        fp32_path = Path(tmp) / 'fp32.onnx'
+        fp32_path = Path(tmp) / f'{Path(output).stem}.fp32.onnx'
         report = export(fp32_path)
+        # Before anything is written to ``output``: weights of another class count cannot be scored on ``data``.
+        check_fits_dataset(OnnxClassifier(fp32_path, threads=1), data, images.shape[1:])
         quantize_int8(fp32_path, output, data, num_images, images)
         result = compare_on_test(fp32_path, output, data, limit, num_images)
     # The export report describes the checked fp32 graph; it now names the file that holds its int8 version.

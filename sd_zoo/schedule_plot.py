@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .cli_args import PROBABILITY, add_number
 from .loader import load_model, model_args_of
 from .stochastic_depth import expected_depth
 
@@ -57,6 +58,6 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='timm name, e.g. sd_resnet110 or sd_resnet110.c10j75_cd')
     p.add_argument('-o', '--output', required=True, metavar='PNG')
-    p.add_argument('--drop-path-rate', type=float, help='1 - p_L (default: the model\'s, 0.5)')
+    add_number(p, '--drop-path-rate', bound=PROBABILITY, type=float, help='1 - p_L (default: the model\'s, 0.5)')
     p.add_argument('--sd-schedule', choices=('linear', 'uniform'), help='default: the model\'s (linear)')
     p.set_defaults(func=run)

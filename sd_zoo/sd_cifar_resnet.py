@@ -25,7 +25,7 @@ from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from .errors import ConfigError
-from .pretrained import cifar_cfg
+from .pretrained import cifar_cfg, trainable_tags
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 
@@ -193,18 +193,13 @@ def _create(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwa
     return create_sd_model(SDCifarResNet, variant, pretrained, blocks_per_stage=blocks_per_stage, **kwargs)
 
 
-# Pretrained tags of each architecture (what a tag means: sd_zoo.pretrained.TAGS); the first is the default.
-PRETRAINED_TAGS = {
-    'sd_resnet20': ('c10j75', 'c10j75_cd'),
-    'sd_resnet32': ('c10j75',),
-    'sd_resnet44': ('c10j75',),
-    'sd_resnet56': ('c10j75', 'c10j75_cd'),
-    'sd_resnet110': ('c10j75', 'c10j75_cd', 'c100j75', 'c100j75_cd'),
-    'sd_resnet1202': ('c10j75',),
-    'sd_svhn_resnet152': ('svhn',),
-}
+# Every architecture takes every tag of the data the trainer supports (what a tag means: sd_zoo.pretrained.TAGS),
+# so that a user's own run of any of them publishes under its tag. The first tag is the default.
+CIFAR_ARCHS = ('sd_resnet20', 'sd_resnet32', 'sd_resnet44', 'sd_resnet56', 'sd_resnet110', 'sd_resnet1202',
+               'sd_svhn_resnet152')
 default_cfgs = generate_default_cfgs({
-    f'{arch}.{tag}': cifar_cfg(arch, tag) for arch, tags in PRETRAINED_TAGS.items() for tag in tags})
+    f'{arch}.{tag}': cifar_cfg(arch, tag) for arch in CIFAR_ARCHS
+    for tag in (('svhn',) if arch == 'sd_svhn_resnet152' else ()) + trainable_tags()})
 
 
 @register_model

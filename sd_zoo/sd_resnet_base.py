@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from .errors import ConfigError, InputShapeError
+from .inputs import UINT8_IMAGES, check_normalized_values, dtype_name
 from .pretrained import pretrained_state, resolve_tag, tag_model_args
 from .pruning import apply_keep_blocks
 from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
@@ -32,10 +33,16 @@ def is_tracing() -> bool:
     )
 
 
-def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
-    """Raise a readable error for a batch that is not (N, in_chans, H, W); a no-op while tracing."""
+def check_input(x: torch.Tensor, in_chans: int, model_name: str, values: bool = False) -> None:
+    """Raise a readable error for a batch that is not float (N, in_chans, H, W), or with ``values`` whose
+    values no normalised image has; a no-op while tracing."""
     if is_tracing():
         return
+    if not x.is_floating_point():
+        raise InputShapeError(
+            f'{model_name} expects a normalised float tensor (N, {in_chans}, H, W), got {dtype_name(x)} of shape '
+            f'{tuple(x.shape)}; for {UINT8_IMAGES} use sd_zoo.evaluate.model_logits_fn(model, mean, std), '
+            f'or convert them with (x.permute(0, 3, 1, 2).float() / 255 - mean) / std')
     if x.ndim != 4 or x.shape[1] != in_chans:
         hint = ''
         if x.ndim == 3:
@@ -45,6 +52,8 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
         raise InputShapeError(
             f'{model_name} expects a float tensor of shape (N, {in_chans}, H, W), got {tuple(x.shape)}{hint}; '
             f'for another number of channels build the model with in_chans=C')
+    if values:
+        check_normalized_values(x, model_name)
 
 
 class BuildArgs(NamedTuple):
@@ -168,7 +177,10 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
     @torch.jit.ignore
     def _begin_forward(self, x: torch.Tensor) -> None:
         """Check the input and, in training, draw this mini-batch's gates for every block."""
-        check_input(x, self.in_chans, getattr(self, 'pretrained_cfg', {}).get('architecture', type(self).__name__))
+        # Values are checked at inference on the CPU only: reading one on an accelerator would synchronise
+        # every forward, and training batches come normalised from sd-zoo's own loader.
+        check_input(x, self.in_chans, getattr(self, 'pretrained_cfg', {}).get('architecture', type(self).__name__),
+                    values=not self.training and x.device.type == 'cpu')
         if self.training and not is_tracing():
             self.plan_gates(x.shape[0])
 

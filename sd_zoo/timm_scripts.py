@@ -15,6 +15,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+# Packages timm's scripts import beyond timm's own requirements: the ``timm-scripts`` extra of pyproject.toml.
+SCRIPT_PACKAGES = ('pandas',)
+
 
 def run(args: argparse.Namespace) -> int:
     script = Path(args.script)
@@ -27,6 +30,14 @@ def run(args: argparse.Namespace) -> int:
         runpy.run_path(str(script), run_name='__main__')
     except SystemExit as e:  # the script's own exit status is ours
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ModuleNotFoundError as e:
+        if not e.name:
+            raise
+        # timm's scripts import packages timm itself does not need (inference.py: pandas).
+        package = e.name.split('.')[0]
+        extra = ' (or pip install "sd-zoo[timm-scripts]")' if package in SCRIPT_PACKAGES else ''
+        raise ConfigError(f'{script.name} needs the Python package {package!r}, which is not installed: '
+                          f'pip install {package}{extra}') from None
     finally:
         sys.argv = saved
     return 0

@@ -11,10 +11,12 @@ Outputs in ``--output DIR`` (rank 0 writes): ``final.safetensors``, ``best.safet
 ``summary.json``, ``run.json``, ``curves.png`` and ``checkpoint.pt``. The checkpoint is written atomically
 every epoch with every RNG state; data order comes from (seed, epoch) and the lr from the step, so
 ``--resume`` after a crash, even SIGKILL mid-epoch, ends with the same weights bit for bit on the same
-machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically). ``--time-budget
-SECONDS`` fits the run into that wall-clock time (``sd_zoo.time_budget``). Under ``torchrun`` (DDP)
-``--batch-size`` is the global batch and every rank draws the same gates, so all skip the same blocks
-(skipped blocks hand their parameters zero gradients: DDP needs no ``find_unused_parameters``).
+machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically); ``--resume --output
+DIR`` needs no other flag, as the checkpoint records the run's settings, and refuses any flag that disagrees
+with them (``_RESUMABLE`` lists those that may change). ``--time-budget SECONDS`` fits the run into that
+wall-clock time (``sd_zoo.time_budget``). Under ``torchrun`` (DDP) ``--batch-size`` is the global batch
+and every rank draws the same gates, so all skip the same blocks (skipped blocks hand their parameters zero
+gradients: DDP needs no ``find_unused_parameters``).
 """
 import argparse
 import contextlib
@@ -41,7 +43,8 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import save_weights, tensors_sha256
-from .errors import ConfigError
+from .cli_args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, add_number, check_ranges, flag
+from .errors import ConfigError, SDZooError
 from .evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
 from .files import atomic_write, atomic_write_text, remove_stale_temps
 from .loader import MODEL_ARG_NAMES, add_model_arguments, check_model_name, load_model
@@ -57,7 +60,7 @@ RECIPES = {
     'fast': dict(
         epochs=60, batch_size=512, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
         decay_norm_and_bias=False, label_smoothing=0.1, warmup_epochs=2.0, schedule='linear',
-        milestones=(), gamma=0.1, amp='bf16', channels_last=True),
+        milestones=(), gamma=0.1, amp='auto', channels_last=True),
 }
 
 # Settings outside the recipes. None for a stochastic-depth setting keeps the model's (or its tag's) own.
@@ -65,15 +68,15 @@ DEFAULTS = dict(
     model='sd_resnet110', data='cifar10', recipe='paper', output=None, pretrained=False, init_weights=None,
     **dict.fromkeys(MODEL_ARG_NAMES), seed=0, val_size=data.VAL_SIZE, train_subset=None, test_subset=None,
     max_steps=None, eval_every=1, eval_batch_size=1000, compile=False, num_threads=None, device=None,
-    resume=False, quiet=False, debug_dump=None, time_budget=None,
+    resume=False, quiet=False, debug_dump=None, time_budget=None, test_at_end=False,
 )
 
-# (setting, lowest allowed value, whether the lowest is excluded) of the numeric settings.
-_RANGES = (
-    ('epochs', 1, False), ('batch_size', 1, False), ('lr', 0, True), ('eval_every', 1, False),
-    ('eval_batch_size', 1, False), ('train_subset', 1, False), ('test_subset', 1, False), ('max_steps', 1, False),
-    ('num_threads', 1, False), ('val_size', 0, False), ('momentum', 0, False), ('weight_decay', 0, False),
-    ('label_smoothing', 0, False), ('warmup_epochs', 0, False), ('gamma', 0, True), ('time_budget', 0, True),
+# The allowed range of each numeric setting, for its flag and for train(config) alike.
+BOUNDS = dict(
+    epochs=COUNT, batch_size=COUNT, lr=POSITIVE, momentum=FRACTION, weight_decay=NON_NEGATIVE,
+    label_smoothing=FRACTION, warmup_epochs=NON_NEGATIVE, milestones=PROBABILITY, gamma=POSITIVE, seed=NON_NEGATIVE,
+    val_size=NON_NEGATIVE, train_subset=COUNT, test_subset=COUNT, max_steps=COUNT, eval_every=COUNT,
+    eval_batch_size=COUNT, time_budget=POSITIVE, num_threads=COUNT,
 )
 
 # Settings a resumed run may change. Bit-exact resumes still need the same thread count and compile flag.
@@ -99,19 +102,53 @@ def resolve_config(overrides: Dict) -> Dict:
         raise ConfigError('an output directory is required (--output DIR)')
     if cfg['schedule'] not in ('step', 'cosine', 'linear'):
         raise ConfigError(f"unknown lr schedule {cfg['schedule']!r}; choose step, cosine or linear")
-    if cfg['amp'] not in ('none', 'bf16'):
-        raise ConfigError(f"--amp must be none or bf16, got {cfg['amp']!r}")
+    if cfg['amp'] not in AMP_CHOICES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg['amp']!r}")
     # Every numeric setting is checked before any work: a bad value ends the run at once, not after an epoch.
-    for key, low, strict in _RANGES:
-        value = cfg[key]
-        if value is not None and not isinstance(value, bool) and (value < low or (strict and value == low)):
-            raise ConfigError(f"--{key.replace('_', '-')} must be {'>' if strict else '>='} {low}, got {value}")
-    for key in ('momentum', 'label_smoothing'):
-        if cfg[key] >= 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be below 1, got {cfg[key]}")
+    check_ranges(cfg, BOUNDS)
     if cfg['pretrained'] and cfg['init_weights']:
         raise ConfigError('give --pretrained (the tag\'s weights) or --init-weights FILE, not both')
     return cfg
+
+
+AMP_CHOICES = ('none', 'bf16', 'auto')
+
+
+def native_bf16(device: torch.device) -> Optional[str]:
+    """What computes bf16 natively on ``device`` (a CPU feature or the GPU), or None where it is emulated."""
+    if device.type == 'cuda':
+        return 'the GPU' if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    # Without these, oneDNN emulates bf16 with fp32 arithmetic plus conversions: slower than fp32 itself.
+    for feature, probe in (('AMX', '_is_amx_tile_supported'), ('avx512_bf16', '_is_avx512_bf16_supported')):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return feature
+    return None
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's or the CPU's model name, as a card quotes it beside the training time."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def choose_precision(amp: str, device: torch.device) -> tuple:
+    """``(amp, why)``: the autocast actually used for ``--amp`` on ``device`` ('bf16' or 'none') and one line
+    saying why. ``auto`` takes bf16 only where it is computed natively; an explicit bf16 is always honoured."""
+    native = native_bf16(device)
+    if amp == 'auto':
+        if native:
+            return 'bf16', f'precision: bf16 autocast ({native} computes bf16 natively)'
+        return 'none', f'precision: fp32 (bf16 would be emulated on this {device.type}, which is slower)'
+    if amp == 'bf16':
+        return 'bf16', 'precision: bf16 autocast' + ('' if native else f' (emulated on this {device.type}: '
+                                                                       f'expect it slower than fp32)')
+    return 'none', 'precision: fp32'
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Dict) -> float:
@@ -219,7 +256,10 @@ def _take_output(out: Path):
     return lock
 
 
-def _read_checkpoint(path: Path) -> Dict:
+def _checkpoint_to_resume(path: Path) -> Dict:
+    if not path.is_file():
+        raise ConfigError(f'--resume: {path.parent} holds no checkpoint.pt to resume from (a run cut short by '
+                          f'--max-steps keeps none); leave out --resume and choose a new --output')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'config', 'epoch'} <= set(ckpt):
@@ -229,6 +269,54 @@ def _read_checkpoint(path: Path) -> Dict:
         raise ConfigError(f'--resume: {path} is unreadable ({type(e).__name__}: {first_line}); '
                           f'it may be truncated: start a new run with another --output') from None
     return ckpt
+
+
+def _resumed_config(config: Dict, record: Dict) -> Dict:
+    """The settings of a resumed run: the run's own ``record``, then each one given (not None) over it.
+    A time-budgeted run keeps the epochs and warm-up it chose when it started."""
+    given = {k: v for k, v in config.items() if v is not None}
+    if record.get('time_budget'):
+        given = {k: v for k, v in given.items() if k not in ('epochs', 'warmup_epochs')}
+    return dict(record, **given)
+
+
+def _as_flag_value(value) -> str:
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(str, value)) or '(none)'
+    return '(not set)' if value is None else str(value)
+
+
+def _refuse_changed_settings(cfg: Dict, record: Dict, config: Dict, out: Path) -> None:
+    """A ConfigError naming every setting of ``cfg`` that differs from the run's ``record``, outside
+    ``_RESUMABLE``; each is shown as given (``config``), before ``--amp auto`` was resolved."""
+    keys = (set(cfg) | set(record)) - _RESUMABLE
+    # A setting newer than the checkpoint counts as its default there.
+    changed = [f"{flag(k)} {_as_flag_value(cfg.get(k) if config.get(k) is None else config[k])} "
+               f"differs from the run's {_as_flag_value(record.get(k, DEFAULTS.get(k)))}"
+               for k in sorted(keys) if record.get(k, DEFAULTS.get(k)) != cfg.get(k)]
+    if changed:
+        raise ConfigError(f'{out} was trained with other settings: {", ".join(changed)}; leave them out '
+                          f'(--resume continues with the run\'s own) or start a new --output')
+
+
+def _undo_if_refused(out: Path):
+    """An exit callback for a new run in ``out``: when the run is refused (an SDZooError before its first
+    checkpoint) it removes what the run created, so that nothing is left behind: the lock and records it
+    wrote, then the folders it made for ``out``. Only those: another run may be writing beside it."""
+    made = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
+    files = [out / name for name in ('.lock', 'run.json', 'metrics.jsonl') if not (out / name).exists()]
+
+    def undo(exc_type, exc, tb) -> bool:
+        if exc_type and issubclass(exc_type, SDZooError) and not (out / 'checkpoint.pt').exists():
+            for path in files:
+                path.unlink(missing_ok=True)
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+                    folder.rmdir()
+        return False  # the error itself goes on to the caller
+    return undo
 
 
 def _write_json(path: Path, obj) -> None:
@@ -306,6 +394,11 @@ def train(config: Dict, command: Optional[str] = None, started: Optional[float] 
 def _train(config: Dict, command: Optional[str], started: Optional[float], run_scope: contextlib.ExitStack) -> Dict:
     started = time.perf_counter() if started is None else started
     cfg = resolve_config(config)
+    out = Path(cfg['output'])
+    ckpt_path = out / 'checkpoint.pt'
+    ckpt = _checkpoint_to_resume(ckpt_path) if cfg['resume'] else None
+    if ckpt:
+        cfg = resolve_config(_resumed_config(config, ckpt['config']))
     check_model_name(cfg['model'])
     if cfg['init_weights'] and not Path(cfg['init_weights']).is_file():
         raise ConfigError(f"--init-weights {cfg['init_weights']}: no such file")
@@ -324,21 +417,19 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         raise ConfigError(f"--batch-size {cfg['batch_size']} is the global batch; it must divide by {world_size} ranks")
     main = rank == 0
     say = print if main and not cfg['quiet'] else (lambda *a: None)
-    out = Path(cfg['output'])
-    ckpt_path = out / 'checkpoint.pt'
     if not cfg['resume'] and (ckpt_path.exists() or (out / 'final.safetensors').exists()):
         raise ConfigError(f'{out} already holds a run; pass --resume to continue it, or choose another --output')
-    if cfg['resume'] and not ckpt_path.is_file():
-        raise ConfigError(f'--resume: {out} holds no checkpoint.pt to resume from (a run cut short by --max-steps '
-                          f'keeps none); leave out --resume and choose a new --output')
-    use_amp = cfg['amp'] == 'bf16' and device.type == 'cuda'
-    channels_last = cfg['channels_last'] and device.type == 'cuda'
+    # The run records the precision it really used, so that a resume elsewhere cannot silently switch it.
+    cfg['amp'], precision = choose_precision(cfg['amp'], device)
+    if ckpt:
+        _refuse_changed_settings(cfg, ckpt['config'], config, out)
+    use_amp, channels_last = cfg['amp'] == 'bf16', cfg['channels_last']
 
     # Data: the paper's 45k/5k split of the training set, optionally a class-balanced subset.
     info = data.dataset_info(cfg['data'])
     if 'test' not in info.splits:
         raise ConfigError(f"{cfg['data']} has no test split; train on one of "
-                          f"{', '.join(n for n, i in data.DATASETS.items() if 'test' in i.splits)}")
+                          f"{', '.join(trainable_datasets())}")
     x_train, y_train = data.load_split(cfg['data'], 'train')
     x_test, y_test = load_eval_split(cfg['data'], 'test', cfg['test_subset'])
     train_idx, val_idx = data.train_val_split(len(y_train), cfg['val_size'])
@@ -359,6 +450,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     model = create_model(cfg, info.num_classes, say)
     say(f"stochastic depth: {model.sd_config()}, expected depth {model.expected_depth:.2f} "
         f"of {model.num_blocks} blocks")
+    say(precision + (', channels_last' if channels_last else ''))
     # Stored beside the weights: what they were trained on and what they started from.
     weights_meta = dict(data=cfg['data'], recipe=cfg['recipe'],
                         init_from=cfg['init_weights'] and Path(cfg['init_weights']).name or
@@ -370,20 +462,17 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     logits_fn_of = partial(model_logits_fn, mean=info.mean, std=info.std, channels_last=channels_last, amp=use_amp)
 
     start_epoch, step, best, elapsed, commands, budget, deadline = 0, 0, None, 0.0, [], None, None
+    best_state = None  # --test-at-end: the best-validation weights, tested once the run ends
     if main:
+        undo = None if ckpt else _undo_if_refused(out)  # notes what is there before the folder is taken
         run_scope.enter_context(_take_output(out))  # locked until the run ends (or its process dies)
-    if cfg['resume']:
-        ckpt = _read_checkpoint(ckpt_path)
-        if ckpt['config'].get('time_budget'):  # its epochs were chosen when the run started: keep them
-            cfg.update({k: ckpt['config'][k] for k in ('time_budget', 'epochs', 'warmup_epochs')})
-        keys = (set(cfg) | set(ckpt['config'])) - _RESUMABLE
-        changed = sorted(k for k in keys if ckpt['config'].get(k) != cfg.get(k))
-        if changed:
-            raise ConfigError(f'{out} was trained with other settings ({", ".join(changed)}); '
-                              f'resume with the original ones or start a new --output')
+        if undo:  # armed only once the lock is held: until then the files may be another run's
+            run_scope.push(undo)
+    if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch, step, best, elapsed = ckpt['epoch'], ckpt['step'], ckpt['best'], ckpt['elapsed']
+        best_state = ckpt.get('best_model')
         torch.set_rng_state(ckpt['rng']['torch'])
         gate_generator.set_state(ckpt['rng']['gate'])
         if device.type == 'cuda' and 'cuda' in ckpt['rng']:
@@ -406,7 +495,9 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         commands.append(command or f'train({cfg!r})')
         _write_json(out / 'run.json', dict(commands=commands, config=cfg, model_args=model.sd_config(),
                                            init_from=weights_meta['init_from'], world_size=world_size,
-                                           device=str(device), torch=torch.__version__, time_budget=budget))
+                                           device=str(device), processor=processor_name(device),
+                                           threads=torch.get_num_threads(), precision=precision,
+                                           torch=torch.__version__, time_budget=budget))
         atomic_write(out / 'metrics.jsonl', lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)))
     if cfg['compile']:
         compile_branches(model)
@@ -460,8 +551,9 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
             say(f"time budget: stopping after epoch {epoch + 1} of {cfg['epochs']}; the next would end after "
                 f"{cfg['time_budget']:g} s")
         evaluated = (epoch + 1) % cfg['eval_every'] == 0 or last
+        # --test-at-end: the paper's protocol needs the test error of the final and best-validation weights only.
         errs = {k: evaluate(logits_fn_of(model), x, y, cfg['eval_batch_size'], rank, world_size)['top1_err']
-                for k, (x, y) in eval_sets.items() if evaluated}
+                for k, (x, y) in eval_sets.items() if evaluated and (k != 'test' or last or not cfg['test_at_end'])}
         elapsed += time.perf_counter() - t0
         loss_total, wrong_total, seen_total = totals.tolist()
         row = dict(
@@ -473,6 +565,8 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         improved = row['val_err'] is not None and (best is None or row['val_err'] < best['val_err'])
         if improved:
             best = dict(epoch=epoch + 1, val_err=row['val_err'], test_err=row['test_err'])
+            if cfg['test_at_end']:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if main:
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
@@ -482,6 +576,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
                 state = dict(
                     model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
                     best=best, elapsed=elapsed, config=cfg, commands=commands, time_budget=budget,
+                    **(dict(best_model=best_state) if best_state is not None else {}),
                     rng=dict(torch=torch.get_rng_state(), gate=gate_generator.get_state(),
                              **(dict(cuda=torch.cuda.get_rng_state_all()) if device.type == 'cuda' else {})))
                 atomic_write(ckpt_path, partial(torch.save, state))
@@ -492,6 +587,11 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if stop:
             break
 
+    if best and best['test_err'] is None and 'test' in eval_sets and best_state is not None:
+        best_model = copy.deepcopy(model)
+        best_model.load_state_dict(best_state)
+        best['test_err'] = evaluate(logits_fn_of(best_model), *eval_sets['test'], cfg['eval_batch_size'], rank,
+                                    world_size)['top1_err']
     final = history[-1] if history else {}
     summary = dict(
         model=cfg['model'], data=cfg['data'], data_title=info.title, recipe=cfg['recipe'],
@@ -521,8 +621,16 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     return summary
 
 
+def trainable_datasets() -> list:
+    return [n for n, i in data.DATASETS.items() if 'test' in i.splits]
+
+
 def run(args: argparse.Namespace) -> int:
+    # Only the flags typed are in ``args`` (argument_default=SUPPRESS): a resumed run takes the rest from its record.
     config = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug')}
+    if not config.get('resume') and 'data' not in config:
+        raise ConfigError(f'a new run needs --data, one of {", ".join(trainable_datasets())} '
+                          f'(or --resume --output DIR to continue a run)')
     # The budget counts from the process start: Python's start-up and imports are part of it.
     started = time.perf_counter() - time_budget.process_age()
     train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]), started=started)
@@ -532,46 +640,60 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         'train', help='train a stochastic-depth ResNet on CIFAR', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default=DEFAULTS['model'], help='timm model name (default: %(default)s)')
-    p.add_argument('--data', required=True, choices=[n for n, i in data.DATASETS.items() if 'test' in i.splits])
-    p.add_argument('--recipe', choices=list(RECIPES))
-    p.add_argument('--output', required=True, metavar='DIR')
-    p.add_argument('--resume', action='store_true', help='continue the run in DIR from its last checkpoint')
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    p.add_argument('--model', help=f"timm model name (default: {DEFAULTS['model']})")
+    p.add_argument('--data', choices=trainable_datasets(), help='required for a new run')
+    p.add_argument('--recipe', choices=list(RECIPES), help=f"default: {DEFAULTS['recipe']}")
+    p.add_argument('--output', metavar='DIR', help='required: the run folder')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the run in DIR from its last checkpoint with its own settings; a flag given '
+                        'with it must agree with them, except '
+                        + ', '.join(sorted(map(flag, _RESUMABLE - {'resume', 'output'}))))
     add_model_arguments(p)
     g = p.add_argument_group('recipe settings (default: the recipe\'s value)')
-    g.add_argument('--epochs', type=int)
-    g.add_argument('--batch-size', type=int, help='global batch size (all ranks together)')
-    g.add_argument('--lr', type=float, help='peak learning rate')
-    g.add_argument('--momentum', type=float)
+    add_number(g, '--epochs', bound=BOUNDS['epochs'])
+    add_number(g, '--batch-size', bound=BOUNDS['batch_size'], help='global batch size (all ranks together)')
+    add_number(g, '--lr', bound=BOUNDS['lr'], type=float, help='peak learning rate')
+    add_number(g, '--momentum', bound=BOUNDS['momentum'], type=float)
     g.add_argument('--nesterov', action=argparse.BooleanOptionalAction)
-    g.add_argument('--weight-decay', type=float)
+    add_number(g, '--weight-decay', bound=BOUNDS['weight_decay'], type=float)
     g.add_argument('--decay-norm-and-bias', action=argparse.BooleanOptionalAction,
                    help='apply weight decay to BatchNorm parameters and biases too (paper: yes)')
-    g.add_argument('--label-smoothing', type=float)
-    g.add_argument('--warmup-epochs', type=float, help='linear warm-up from 0 (may be fractional)')
+    add_number(g, '--label-smoothing', bound=BOUNDS['label_smoothing'], type=float)
+    add_number(g, '--warmup-epochs', bound=BOUNDS['warmup_epochs'], type=float,
+               help='linear warm-up from 0 (may be fractional)')
     g.add_argument('--schedule', choices=('step', 'cosine', 'linear'), help='lr decay after warm-up')
-    g.add_argument('--milestones', type=float, nargs='*', help='step schedule: fractions of training, e.g. 0.5 0.75')
-    g.add_argument('--gamma', type=float, help='step schedule: lr factor at each milestone')
-    g.add_argument('--amp', choices=('none', 'bf16'), help='bf16 autocast (CUDA only)')
-    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last layout (CUDA only)')
+    add_number(g, '--milestones', bound=BOUNDS['milestones'], type=float, nargs='*',
+               help='step schedule: fractions of training, e.g. 0.5 0.75')
+    add_number(g, '--gamma', bound=BOUNDS['gamma'], type=float, help='step schedule: lr factor at each milestone')
+    g.add_argument('--amp', choices=AMP_CHOICES,
+                   help='bf16 autocast (BatchNorm statistics and the loss stay fp32); auto: bf16 where the GPU or '
+                        'CPU computes it natively (avx512_bf16, AMX), fp32 where it would be emulated')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last memory layout')
     g = p.add_argument_group('model and run settings')
     g.add_argument('--pretrained', action='store_true', help='start from the published weights of --model '
                    'NAME.TAG (fine-tuning; a new head if the class count differs)')
     g.add_argument('--init-weights', metavar='FILE', help='start from a safetensors file written by sd-zoo')
-    g.add_argument('--seed', type=int)
-    g.add_argument('--val-size', type=int, default=DEFAULTS['val_size'],
-                   help='validation images held out of the training set (default: %(default)s; 0 for none)')
-    g.add_argument('--train-subset', type=int, metavar='N', help='train on the first N training images, class-balanced')
-    g.add_argument('--test-subset', type=int, metavar='N', help='test on the first N test images, class-balanced')
-    g.add_argument('--max-steps', type=int, metavar='N', help='stop after N optimizer steps (smoke tests)')
-    g.add_argument('--eval-every', type=int, metavar='N', help='validate and test every N epochs (and after the last)')
-    g.add_argument('--eval-batch-size', type=int)
-    g.add_argument('--time-budget', type=float, metavar='SECONDS',
-                   help='train the most epochs (at most --epochs) that fit in SECONDS of wall-clock time, set-up, '
-                        'evaluation and checkpoints included; the lr schedule spans exactly those epochs')
+    add_number(g, '--seed', bound=BOUNDS['seed'])
+    add_number(g, '--val-size', bound=BOUNDS['val_size'],
+               help=f"validation images held out of the training set (default: {DEFAULTS['val_size']}; 0 for none)")
+    add_number(g, '--train-subset', bound=BOUNDS['train_subset'], metavar='N',
+               help='train on the first N training images, class-balanced')
+    add_number(g, '--test-subset', bound=BOUNDS['test_subset'], metavar='N',
+               help='test on the first N test images, class-balanced')
+    add_number(g, '--max-steps', bound=BOUNDS['max_steps'], metavar='N',
+               help='stop after N optimizer steps (smoke tests)')
+    add_number(g, '--eval-every', bound=BOUNDS['eval_every'], metavar='N',
+               help='validate and test every N epochs (and after the last)')
+    add_number(g, '--eval-batch-size', bound=BOUNDS['eval_batch_size'])
+    g.add_argument('--test-at-end', action='store_true',
+                   help='score the test set only once, for the final and the best-validation weights (the paper\'s '
+                        'protocol; saves a test pass per epoch); validation still runs every --eval-every epochs')
+    add_number(g, '--time-budget', bound=BOUNDS['time_budget'], type=float, metavar='SECONDS',
+               help='train the most epochs (at most --epochs) that fit in SECONDS of wall-clock time, set-up, '
+                    'evaluation and checkpoints included; the lr schedule spans exactly those epochs')
     g.add_argument('--compile', action='store_true', help='torch.compile each residual branch')
-    g.add_argument('--num-threads', type=int, help='torch CPU threads (fix it for bit-exact resumes)')
+    add_number(g, '--num-threads', bound=BOUNDS['num_threads'], help='torch CPU threads (fix it for bit-exact resumes)')
     g.add_argument('--device', help='cuda or cpu (default: cuda if available)')
     g.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
     g.add_argument('--debug-dump', metavar='DIR',

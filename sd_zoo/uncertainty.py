@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import data
 from .errors import ConfigError
-from .evaluate import eval_model, load_eval_split, model_logits_fn, normalization
+from .evaluate import check_model_fits, eval_model, load_eval_split, model_logits_fn, normalization
 from .stochastic_depth import StochasticDepth, check_gate_generator
 
 ECE_BINS = 15
@@ -235,6 +235,7 @@ def calibration_report(model: nn.Module, data_name: str, samples: int, mean: Seq
     """
     _check_samples(samples)
     gated_blocks(model)  # its clear error before any data is read
+    check_model_fits(model, data_name)
     # The validation part holds VAL_SIZE images; a larger --limit (meant for the test split) takes them all.
     val_x, val_y = data.split_part(data_name, 'val', min(limit, data.VAL_SIZE) if limit else None, root)
     test_x, test_y = load_eval_split(data_name, 'test', limit, root)
@@ -316,15 +317,15 @@ def run_mc_eval(args) -> int:
     if args.split != 'test':
         raise ConfigError('--mc-samples measures on the test split (the temperature is fitted on the validation '
                           'part of the training split); drop --split train')
-    _check_samples(args.mc_samples)
-    model, name = eval_model(args)
+    model, named = eval_model(args)
     generator = torch.Generator().manual_seed(args.seed)
     report = calibration_report(model, args.data, args.mc_samples, *normalization(model), limit=args.limit or None,
                                 batch_size=args.batch_size, generator=generator)
-    title = f'{name} on {data.dataset_info(args.data).title} test ({report["n"]} images)'
+    title = f'{named} on {data.dataset_info(args.data).title} test ({report["n"]} images)'
     print(format_report(report, title))
     if args.plot:
         print(f'reliability diagrams: {plot_reliability(report, args.plot, title)}')
     if args.json:
-        print(json.dumps(dict({k: v for k, v in report.items() if k != 'reliability'}, model=name, data=args.data)))
+        print(json.dumps(dict({k: v for k, v in report.items() if k != 'reliability'}, **named.fields(),
+                              data=args.data)))
     return 0

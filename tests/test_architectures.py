@@ -120,7 +120,7 @@ def test_wrong_input_gives_clear_error():
 def test_unknown_model_and_unpublished_tag_fail_fast():
     with pytest.raises(RuntimeError, match='sd_resnet999'):
         timm.create_model('sd_resnet999')
-    with pytest.raises(ConfigError, match='unknown pretrained tag sd_resnet110.foo; known tags: sd_resnet110.c10j75'):
+    with pytest.raises(ConfigError, match='unknown pretrained tag sd_resnet110.foo; known tags: sd_resnet110.c10, '):
         timm.create_model('sd_resnet110.foo')
     with pytest.raises(WeightsError, match=r'no published weights for sd_resnet110\.c100j75.*sd-zoo train'):
         timm.create_model('sd_resnet110.c100j75', pretrained=True)

@@ -87,7 +87,11 @@ def test_shipped_weights_are_checked_against_the_manifest(tmp_path, monkeypatch)
     for f in SHIPPED.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     monkeypatch.setattr(pretrained, 'SHIPPED_DIR', folder.parent)
-    assert pretrained.shipped_sha256(folder / 'model.safetensors') == pretrained.load_manifest()[SHIPPED.name]['sha256']
+    # The record is the digest of the shipped bytes, computed here, and it is what a load checks against.
+    recorded = pretrained.load_manifest()[SHIPPED.name]['sha256']
+    assert hashlib.sha256((SHIPPED / 'model.safetensors').read_bytes()).hexdigest() == recorded
+    assert pretrained.shipped_sha256(folder / 'model.safetensors') == recorded
+    assert pretrained.shipped_sha256(tmp_path / 'model.safetensors') is None  # outside hub_configs/: no record
     sd_zoo.load_model(SHIPPED.name)  # the recorded bytes load
     _flip(folder / 'model.safetensors')  # a file without a tensors digest: the manifest catches it
     with pytest.raises(WeightsError, match='is corrupt: its sha256 is'):

@@ -13,6 +13,8 @@ import torch
 from sd_zoo import data
 from sd_zoo.errors import ConfigError, DataNotFoundError
 
+from conftest import need_data
+
 
 def _jpeg_bytes(color) -> bytes:
     from PIL import Image
@@ -52,10 +54,9 @@ def fake_jpeg_root(tmp_path, monkeypatch):
 
 
 def _real_file(name: str) -> Path:
-    path = data.data_root() / name
-    if not path.exists():
-        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
-    return path
+    """The file of the data set ``name`` in the data folder (see conftest.need_data)."""
+    need_data(name)
+    return data.data_root() / data.DATASETS[name].source
 
 
 def test_jpeg_archive_decodes_with_alphabetical_labels(fake_jpeg_root):
@@ -118,7 +119,7 @@ def test_unpublished_archive_with_a_flipped_bit_is_refused_by_gzips_crc(fake_jpe
 
 
 def test_published_archive_with_a_flipped_bit_is_refused_before_decoding(tmp_path, monkeypatch):
-    real = _real_file('cifar10-jpeg75.tar.gz')
+    real = _real_file('cifar10-jpeg75')
     monkeypatch.setenv('SD_ZOO_CACHE', str(tmp_path / 'cache'))
     blob = bytearray(real.read_bytes())
     blob[len(blob) // 2] ^= 0x01  # one bit in the middle of the archive
@@ -132,7 +133,7 @@ def test_published_archive_with_a_flipped_bit_is_refused_before_decoding(tmp_pat
 def test_every_published_data_file_matches_its_recorded_digest():
     for name, info in data.DATASETS.items():
         if info.sha256 is not None:
-            assert data.sha256_file(_real_file(info.source)) == info.sha256, name
+            assert data.sha256_file(_real_file(name)) == info.sha256, name
 
 
 def test_wrong_class_count_is_rejected(tmp_path, monkeypatch):
@@ -199,20 +200,23 @@ def test_pickle_reader_refuses_code(tmp_path):
 
 
 def test_real_archives_have_standard_class_order():
-    for name, n in (('cifar10-jpeg75.tar.gz', 10), ('cifar100-jpeg75.tar.gz', 100)):
+    for name, n in (('cifar10-jpeg75', 10), ('cifar100-jpeg75', 100)):
         with tarfile.open(_real_file(name), 'r:gz') as tar:
             folders = sorted({Path(m.name).parts[1] for m in tar if m.isdir() and len(Path(m.name).parts) == 2})
         assert len(folders) == n
-        if n == 10:
-            assert tuple(folders) == data.CIFAR10_CLASSES
-        else:
-            assert folders[:3] == ['apple', 'aquarium_fish', 'baby']
+        assert tuple(folders) == (data.CIFAR10_CLASSES if n == 10 else data.CIFAR100_CLASSES)
+
+
+def test_every_dataset_names_its_classes_in_label_order():
+    for name, info in data.DATASETS.items():
+        assert info.num_classes == len(set(info.classes)) == (100 if name.startswith('cifar100') else 10), name
+        assert list(info.classes) == sorted(info.classes), name  # the alphabetical folders are the label order
+    assert data.dataset_info('cifar100-jpeg75').classes[:3] == ('apple', 'aquarium_fish', 'baby')
 
 
 def test_lossless_4000_labels_match_jpeg_images():
     """Image k of class c in the lossless set is JPEG train/<c>/k: checks labels and within-class order."""
-    _real_file('cifar10-train-first4000-lossless.npz')
-    _real_file('cifar10-jpeg75.tar.gz')
+    need_data('cifar10-lossless4000', 'cifar10-jpeg75')
     x4, y4 = data.load_split('cifar10-lossless4000', 'train')
     xj, yj = data.load_split('cifar10-jpeg75', 'train')
     assert y4[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
@@ -242,6 +246,10 @@ def test_balanced_subset_takes_first_images_per_class():
     assert data.balanced_subset(labels, np.array([2, 5, 9, 1, 4, 3, 6]), 3).tolist() == [1, 2, 5]
     with pytest.raises(ConfigError, match='class 1 has only 3'):
         data.balanced_subset(labels, np.arange(10), 12)
+    assert len(data.balanced_subset(labels, np.arange(10), 1)) == 1
+    for size in (0, -5, -1):  # -5 once cut each class from its end ([:-1], [:-2]) and kept 5 of the 10
+        with pytest.raises(ConfigError, match=f'a class-balanced subset needs a size >= 1, got {size}'):
+            data.balanced_subset(labels, np.arange(10), size)
 
 
 def _images(n=6):

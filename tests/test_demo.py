@@ -6,9 +6,11 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 import sd_zoo  # noqa: F401  (registers the models)
-from sd_zoo import cli, demo, pretrained
+from sd_zoo import cli, data, demo, pretrained
+from sd_zoo.checkpoint import save_weights
 
-from test_hub import HAVE_DATA, build, make_run
+from conftest import need_data
+from test_hub import build, make_run
 
 
 @pytest.fixture(scope='module')
@@ -42,16 +44,23 @@ def test_demo_falls_back_to_an_untrained_model_and_random_inputs(no_weights_anyw
     assert 'ONNX Runtime' in out and 'ms/image' in out
 
 
-def test_demo_classifies_image_files_with_the_checkouts_hub_folder(hub_folder, monkeypatch, tmp_path, capsys):
+def _images(folder, colors=((250, 10, 10), (10, 10, 250))):
     from PIL import Image
-    monkeypatch.setattr(pretrained, 'SHIPPED_DIR', hub_folder.parent)
-    # A test build, not the published weights: the packaged manifest records other bytes for this name.
-    monkeypatch.setattr(pretrained, 'MANIFEST_PATH', tmp_path / 'published.json')
     paths = []
-    for i, color in enumerate([(250, 10, 10), (10, 10, 250)]):
-        path = tmp_path / f'img{i}.png'
+    for i, color in enumerate(colors):
+        path = folder / f'img{i}.png'
         Image.new('RGB', (48, 40), color).save(path)  # not 32x32: the timm transform resizes
         paths.append(str(path))
+    return paths
+
+
+def test_demo_classifies_image_files_with_the_checkouts_hub_folder(hub_folder, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(pretrained, 'SHIPPED_DIR', hub_folder.parent)
+    # The demo reads the checkout's folder as it is (timm's local-dir:), leaving the Hugging Face cache alone.
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+    # A test build, not the published weights: the packaged manifest records other bytes for this name.
+    monkeypatch.setattr(pretrained, 'MANIFEST_PATH', tmp_path / 'published.json')
+    paths = _images(tmp_path)
     result = run_demo(*paths, '--onnx', str(tmp_path / 'demo.onnx'))
     out = capsys.readouterr().out
     assert result['trained'] and result['n'] == 2 and 'of this checkout' in out
@@ -61,10 +70,35 @@ def test_demo_classifies_image_files_with_the_checkouts_hub_folder(hub_folder, m
     for path in paths:
         line = next(line for line in out.splitlines() if line.strip().startswith(path))
         assert any(c in line for c in classes) and '%' in line
+    assert not (tmp_path / 'hf').exists()
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason='needs the CIFAR-10 (JPEG-75 copy) test set')
+def test_class_names_come_from_the_weights_never_from_the_class_count(tmp_path):
+    fresh = sd_zoo.load_model('sd_resnet20', pretrained=False)
+    assert fresh.num_classes == 10 and demo.class_names(fresh) is None  # 10 classes need not be CIFAR-10's
+    for data_name in ('cifar100-jpeg75', 'cifar10', None):
+        model = sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=data.num_classes(data_name or 'cifar10'))
+        path = save_weights(model, tmp_path / f'{data_name}.safetensors', 'sd_resnet20',
+                            **({'data': data_name} if data_name else {}))
+        names = demo.class_names(sd_zoo.load_model(path))
+        assert names == (list(data.dataset_info(data_name).classes) if data_name else None), data_name
+
+
+def test_demo_names_the_classes_of_cifar100_weights_on_image_files(tmp_path, capsys):
+    model = sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=100)
+    path = save_weights(model, tmp_path / 'c100.safetensors', 'sd_resnet20', data='cifar100-jpeg75')
+    images = _images(tmp_path, colors=[(10, 200, 10)])
+    result = run_demo(*images, '--weights', str(path))
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.strip().startswith(images[0]))
+    shown = [part.rsplit(' ', 1)[0] for part in line.split(': ', 1)[1].split(', ')]
+    assert len(shown) == 3 and set(shown) <= set(data.CIFAR100_CLASSES), line
+    assert shown[0] == data.CIFAR100_CLASSES[result['predictions'][0]]
+    assert 'shown by number' not in out
+
+
 def test_demo_on_cifar_reports_the_accuracy_of_the_card(hub_folder, capsys):
+    need_data()
     from sd_zoo.model_card import card_metrics, read_card
     result = run_demo('--weights', str(hub_folder), '--limit', '100')
     assert result['model'] == hub_folder.name  # named after the folder given, not after the default model

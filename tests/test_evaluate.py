@@ -9,10 +9,13 @@ import torch
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import cli, evaluate
+from sd_zoo import cli, evaluate, pretrained
 from sd_zoo.checkpoint import save_weights
-from sd_zoo.data import CIFAR10_MEAN, CIFAR10_STD, data_root
+from sd_zoo.data import CIFAR10_MEAN, CIFAR10_STD
 from sd_zoo.errors import ConfigError
+from sd_zoo.files import sha256_file
+
+from conftest import need_data
 
 
 def _save(model, path, data_name='cifar10-jpeg75'):
@@ -21,9 +24,22 @@ def _save(model, path, data_name='cifar10-jpeg75'):
 
 @pytest.fixture
 def jpeg_test_set():
-    path = data_root() / 'cifar10-jpeg75.tar.gz'
-    if not path.exists():
-        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+    need_data('cifar10-jpeg75')
+
+
+def test_every_scorer_refuses_data_of_another_class_count_before_reading_it(monkeypatch, tmp_path):
+    from sd_zoo.prune_curve import measure_curves
+    from sd_zoo.pruning import importance_ranking
+    from sd_zoo.uncertainty import calibration_report
+
+    monkeypatch.setenv('SD_ZOO_DATA', str(tmp_path))  # nothing there: reading the data first would fail otherwise
+    model = sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=100)
+    for score in (lambda: evaluate.evaluate_model(model, 'cifar10-jpeg75'),
+                  lambda: importance_ranking(model, 'cifar10-jpeg75', progress=False),
+                  lambda: calibration_report(model, 'cifar10-jpeg75', 2, CIFAR10_MEAN, CIFAR10_STD),
+                  lambda: measure_curves({'sd_resnet20': model}, 'cifar10-jpeg75', progress=False)):
+        with pytest.raises(ConfigError, match='^sd_resnet20 has 100 classes but cifar10-jpeg75 has 10; give the data'):
+            score()
 
 
 def test_evaluate_counts_top1_and_top5_from_numpy_logits():
@@ -47,8 +63,8 @@ def test_eval_rebuilds_the_checkpoint_with_its_stochastic_depth_settings(tmp_pat
     model = timm.create_model('sd_resnet20', drop_path_rate=0.9, sd_schedule='uniform')
     path = _save(model, tmp_path / 'w.safetensors')
     args = argparse.Namespace(onnx=None, checkpoint=str(path), model=None, data='cifar10-jpeg75', device='cpu')
-    logits_fn, name = evaluate._build(args)
-    assert name == 'sd_resnet20'
+    logits_fn, named = evaluate._build(args)
+    assert (named.model, named.weights, named.sha256) == ('sd_resnet20', str(path), sha256_file(path))
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     expected = evaluate.model_logits_fn(model, CIFAR10_MEAN, CIFAR10_STD)(images)
     assert torch.equal(logits_fn(images), expected)
@@ -70,6 +86,31 @@ def test_eval_command_prints_json_last(jpeg_test_set, tmp_path, capsys):
     assert 0 <= result['top5_err'] <= result['top1_err'] <= 100
 
 
+def test_eval_names_the_weights_it_scored(jpeg_test_set, tmp_path, capsys):
+    """A file by its path and sha256; a published tag's name only for that tag's published weights."""
+    tag = 'sd_resnet20.c10j75'
+    shipped = pretrained.SHIPPED_DIR / tag / 'model.safetensors'
+    own = _save(timm.create_model('sd_resnet20'), tmp_path / 'own.safetensors')
+
+    def run(*argv):
+        assert cli.main(['eval', '--data', 'cifar10-jpeg75', '--limit', '50', '--json', *argv]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        return lines[0], json.loads(lines[-1])
+
+    sha = sha256_file(own)
+    line, result = run('--checkpoint', str(own))
+    assert line.startswith(f'sd_resnet20 ({own}, sha256 {sha[:12]}) on CIFAR-10'), line
+    assert (result['model'], result['weights'], result['weights_sha256']) == ('sd_resnet20', str(own), sha)
+    published = pretrained.load_manifest()[tag]['sha256']
+    line, by_tag = run('--model', tag)
+    assert line.startswith(f'{tag} on CIFAR-10') and (by_tag['model'], by_tag['weights']) == (tag, tag)
+    assert by_tag['weights_sha256'] == published == sha256_file(shipped)
+    for argv in (['--checkpoint', str(shipped)], ['--model', tag, '--checkpoint', str(shipped)]):
+        line, result = run(*argv)  # the published file is the tag's weights, however it is given
+        assert (result['model'], result['weights'], result['weights_sha256']) == (tag, str(shipped), published)
+        assert result['top1_err'] == by_tag['top1_err'] != run('--checkpoint', str(own))[1]['top1_err']
+
+
 def test_eval_command_reports_mismatch_without_traceback(jpeg_test_set, tmp_path, capsys):
     path = _save(timm.create_model('sd_resnet20'), tmp_path / 'w.safetensors')
     rc = cli.main(['eval', '--model', 'sd_resnet32', '--checkpoint', str(path), '--data', 'cifar10-jpeg75'])
@@ -79,10 +120,16 @@ def test_eval_command_reports_mismatch_without_traceback(jpeg_test_set, tmp_path
     assert rc == 2 and 'has 10 classes but cifar100-jpeg75 has 100' in capsys.readouterr().err
 
 
-def test_evaluate_model_matches_the_command(jpeg_test_set, tmp_path):
-    model = timm.create_model('sd_resnet20')
+def test_evaluate_model_matches_the_command(jpeg_test_set, capsys):
+    # Trained weights: errors far from chance, so a different normalisation or subset would show.
+    model = sd_zoo.load_model('sd_resnet20.c10j75')
     result = evaluate.evaluate_model(model, 'cifar10-jpeg75', limit=50)
     assert result['n'] == 50 and set(result) == {'top1_err', 'top5_err', 'n'}
+    assert cli.main(['eval', '--model', 'sd_resnet20.c10j75', '--data', 'cifar10-jpeg75', '--limit', '50',
+                     '--json']) == 0
+    command = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: command[k] for k in result} == result
+    assert result['top5_err'] < result['top1_err'] < 50
 
 
 def test_onnx_without_runtime_module_is_a_clear_error(monkeypatch):

@@ -13,6 +13,8 @@ import pytest
 
 from sd_zoo import data
 
+from conftest import need_data
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,8 +31,8 @@ gpu_lease = _load_lease()
 @pytest.mark.slow
 def test_dry_run_runs_the_whole_path_and_obeys_the_limits(tmp_path):
     for name in ('cifar10-jpeg75', 'cifar100-jpeg75'):
-        if not (data.data_root() / f'{name}.tar.gz').exists() and not (REPO / '.lease' / 'data' / f'{name}.tar.gz').exists():
-            pytest.skip(f'{name}.tar.gz not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+        if not (REPO / '.lease' / 'data' / f'{name}.tar.gz').exists():  # the lease's own copy, else the data folder
+            need_data(name)
     out = tmp_path / 'out'
     out.mkdir()
     env = dict(os.environ, DRY_RUN='1', OUT=str(out), PYTHON=sys.executable)

@@ -6,22 +6,24 @@ import warnings
 
 import numpy as np
 import onnx
-from sd_zoo.files import new_file_mode
+from sd_zoo.files import new_file_mode, sha256_file
 import pytest
 import torch
 from onnx import TensorProto, helper
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import data
+from sd_zoo import data, pretrained
 from sd_zoo.checkpoint import save_weights
 from sd_zoo.cli import main
-from sd_zoo.errors import ConfigError, DataNotFoundError, ExportError, InputShapeError, WeightsError
+from sd_zoo.errors import ConfigError, ExportError, InputShapeError, WeightsError
 from sd_zoo.onnx_export import (
     MIN_OPSET, RANDOM_OPS, check_no_random_ops, expected_value_model, export_onnx, fold_survival_probs,
     op_histogram, shortcuts_as_convs)
-from sd_zoo.onnx_runtime import OnnxClassifier
+from sd_zoo.onnx_runtime import OnnxClassifier, normalize_uint8
 from sd_zoo.onnx_validate import check_fits_dataset, validate_onnx
+
+from conftest import need_data
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -55,10 +57,8 @@ def torch_logits(model, x):
 @pytest.fixture(scope='module')
 def cifar():
     """The first 500 CIFAR-10 (JPEG-75) test images, or a skip when the data is absent."""
-    try:
-        x, y = data.load_split('cifar10-jpeg75', 'test')
-    except DataNotFoundError as e:
-        pytest.skip(f'CIFAR-10 JPEG-75 copy not available: {e}')
+    need_data('cifar10-jpeg75')
+    x, y = data.load_split('cifar10-jpeg75', 'test')
     return x[:500], y[:500]
 
 
@@ -303,6 +303,44 @@ def test_not_an_onnx_file(tmp_path):
         OnnxClassifier(bad)
     with pytest.raises(ExportError, match='does not exist'):
         OnnxClassifier(tmp_path / 'missing.onnx')
+
+
+def test_onnx_classifier_says_which_input_it_takes(exported):
+    clf = OnnxClassifier(exported['path'])
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    images[0, 0, 0] = 255
+    normalized = normalize_uint8(images, clf.mean, clf.std)
+    np.testing.assert_array_equal(clf(images), clf(normalized))  # the two forms it takes agree
+    left_in_0_255 = r'takes float \(N, C, H, W\) normalised as \(x / 255 - mean\) / std, .* reaches 255: divide'
+    for x, message in (
+            (images.transpose(0, 3, 1, 2).astype(np.float32), left_in_0_255),
+            (torch.from_numpy(images).permute(0, 3, 1, 2).float(), left_in_0_255),
+            (images.astype(np.int64), r'takes uint8 images \(N, H, W, C\).* or float .*, got int64 of shape'),
+            (np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+             r'with C = 3, got shape \(2, 3, 32, 32\) \(channels first'),
+            (normalized.transpose(0, 2, 3, 1), 'channels-last layout')):
+        with pytest.raises(InputShapeError, match=message):
+            clf(x)
+
+
+def test_export_names_the_weights_file_and_its_digest(tmp_path, capsys):
+    own = save_weights(sd_model(), tmp_path / 'own.safetensors', data='cifar10-jpeg75')
+    out = tmp_path / 'own.onnx'
+    assert main(['export', '--checkpoint', str(own), '-o', str(out), '--json']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report, sha = json.loads(lines[-1]), sha256_file(own)
+    assert f': sd_resnet20 (own.safetensors, sha256 {sha[:12]}), fp32' in lines[0]
+    assert (report['model'], report['source'], report['weights_sha256']) == ('sd_resnet20', 'own.safetensors', sha)
+    meta = OnnxClassifier(out).metadata
+    assert (meta['model'], meta['source'], meta['weights_sha256']) == ('sd_resnet20', 'own.safetensors', sha)
+    tag = 'sd_resnet20.c10j75'
+    published = pretrained.load_manifest()[tag]['sha256']
+    shipped = pretrained.SHIPPED_DIR / tag / 'model.safetensors'
+    for argv, source in ((['--checkpoint', str(shipped)], 'model.safetensors'),
+                         (['--model', tag, '--pretrained'], 'pretrained')):
+        assert main(['export', *argv, '-o', str(out)]) == 0
+        meta = OnnxClassifier(out).metadata
+        assert (meta['model'], meta['source'], meta['weights_sha256']) == (tag, source, published)
 
 
 def test_onnx_that_does_not_fit_the_data(tmp_path):

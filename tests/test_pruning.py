@@ -246,24 +246,33 @@ def test_curve_depths():
 
 def test_prune_curve_cli(tmp_path, capsys, monkeypatch):
     import sd_zoo.prune_curve as pc
+    from sd_zoo.evaluate import evaluate_model, model_logits_fn
 
-    monkeypatch.setattr(data, 'load_split', fake_split)
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model('sd_resnet20'))
+    # Test labels are the full net's own predictions: it scores 0 % and a pruned net does not, so a row that
+    # scored the wrong net would show (random labels leave every depth at chance, 90 %).
+    x_test = fake_split('cifar10', 'test')[0]
+    own = model_logits_fn(model, data.CIFAR10_MEAN, data.CIFAR10_STD)(torch.as_tensor(x_test)).argmax(1).numpy()
+    monkeypatch.setattr(data, 'load_split', lambda name, split, root=None:
+                        (x_test, own) if split == 'test' else fake_split(name, split, root))
     monkeypatch.setattr(pc, 'REPEATS', {1: 3, 64: 2})
     # Three depths instead of seven keep the test short; test_curve_depths checks the full range.
     monkeypatch.setattr(pc, 'depths', lambda model: [9, 5, 3])
-    model = randomize_norms(timm.create_model('sd_resnet20'))
     weights = save_weights(model, tmp_path / 'w.safetensors', model_name='sd_resnet20', data='cifar10')
     plot = tmp_path / 'curve.png'
-    assert main(['prune-curve', '--model', str(weights), '--data', 'cifar10', '--limit', '100', '--json',
-                 '--plot', str(plot), '--quiet']) == 0
+    assert main(['prune-curve', '--model', str(weights), '--data', 'cifar10', '--json', '--plot', str(plot),
+                 '--quiet']) == 0
     curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['curves'][str(weights)]
     assert [r['blocks'] for r in curve] == [9, 5, 3]
     assert [r['kept'] for r in curve] == [list(range(9)), [0, 1, 2, 3, 6], [0, 3, 6]]
     assert set(curve[0]) >= {'blocks', 'top1_err', 'macs', 'latency_ms_bs1', 'latency_ms_bs64'}
     assert all(a['macs'] > b['macs'] for a, b in zip(curve, curve[1:]))
     assert all(r['latency_ms_bs1'] > 0 and r['latency_ms_bs64'] > 0 for r in curve)
-    from sd_zoo.evaluate import evaluate_model
-    assert curve[0]['top1_err'] == round(evaluate_model(model, 'cifar10', limit=100)['top1_err'], 2)
+    # Every row is the error of its own pruned net, scored here independently of the command.
+    errors = [round(evaluate_model(prune_blocks(model, r['kept']), 'cifar10')['top1_err'], 2) for r in curve]
+    assert [r['top1_err'] for r in curve] == errors
+    assert errors[0] == 0.0 and min(errors[1:]) > 0
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b'\x89PNG'
 
 
@@ -296,7 +305,7 @@ def test_already_pruned_block_and_create_model_errors():
 
 @pytest.mark.parametrize('argv,message', [
     (['--keep-blocks', '12'], 'keep=12: this model has 9 residual blocks'),
-    (['--keep-blocks', '-1'], 'keep=-1: this model has 9 residual blocks'),
+    (['--keep-blocks', '2'], 'keep=2: this model has 9 residual blocks in 3 stages; keep between 3'),
     (['--keep-blocks', '4', '--prune-order', '0,1,99'], 'block index 99 is out of range'),
 ])
 def test_cli_prune_errors(tmp_path, capsys, argv, message):

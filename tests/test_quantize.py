@@ -12,10 +12,12 @@ from onnx import numpy_helper
 
 from sd_zoo import data
 from sd_zoo.cli import main
-from sd_zoo.errors import ConfigError, DataNotFoundError
+from sd_zoo.errors import ConfigError
 from sd_zoo.onnx_export import export_onnx, op_histogram
 from sd_zoo.onnx_runtime import OnnxClassifier
 from sd_zoo.quantize import LARGE_DROP, Int8Report, calibration_images, export_int8, quantize_int8
+
+from conftest import need_data
 
 # int8 against fp32 on 300 real test images: at most this many points of top-1 error apart, and at least
 # this share of identical predictions (measured: +0.01 points, 97.9 % on the full test set).
@@ -33,10 +35,8 @@ def real_data():
         if (name, split) not in loaded:
             loaded[name, split] = real(name, split, root)
         return loaded[name, split]
-    try:
-        cached('cifar10-jpeg75', 'train')
-    except DataNotFoundError as e:
-        pytest.skip(f'CIFAR-10 JPEG-75 copy not available: {e}')
+    need_data('cifar10-jpeg75')
+    cached('cifar10-jpeg75', 'train')
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data, 'load_split', cached)
         yield cached
@@ -97,7 +97,7 @@ def test_large_drop_is_printed_with_its_number():
 @pytest.mark.parametrize('extra,message', [
     ([], 'int8 quantization calibrates on training images: name the data'),
     (['--calibration', 'cifar10-jpeg75', '--fp16'], '--int8 and --fp16 exclude each other'),
-    (['--calibration', 'cifar10-jpeg75', '--calibration-images', '0'], 'calibration images must lie in [1, 45000]'),
+    (['--calibration', 'cifar10-jpeg75', '--calibration-images', '45001'], 'calibration images must lie in [1, 45000]'),
 ])
 def test_int8_bad_input(tmp_path, capsys, real_data, extra, message):
     out = tmp_path / 'q.onnx'
@@ -105,6 +105,20 @@ def test_int8_bad_input(tmp_path, capsys, real_data, extra, message):
     err = capsys.readouterr().err
     assert message in err and 'Traceback' not in err
     assert not out.exists()
+
+
+def test_int8_refuses_weights_of_another_class_count_before_writing(tmp_path, capsys, real_data):
+    import sd_zoo
+    from sd_zoo.checkpoint import save_weights
+
+    weights = save_weights(sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=100),
+                           tmp_path / 'c100.safetensors', 'sd_resnet20', data='cifar100-jpeg75')
+    out = tmp_path / 'q.onnx'
+    assert main(['export', '--checkpoint', str(weights), '-o', str(out), '--int8', '--calibration', 'cifar10-jpeg75',
+                 '--calibration-images', '64']) == 2
+    err = capsys.readouterr().err
+    assert 'does not fit cifar10-jpeg75: it has 100 outputs, cifar10-jpeg75 has 10 classes' in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_int8_json_report(tmp_path, capsys, monkeypatch, real_data):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_zoo import data, train
+from sd_zoo import data, time_budget, train
 from sd_zoo.errors import ConfigError
 from sd_zoo.time_budget import Deadline, TAIL_S, epochs_cost, evaluations, plan_epochs, time_calls
+
+from conftest import need_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', recipe='fast', train_subset=128, val_size=64,
@@ -22,9 +24,7 @@ TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', recipe='fast', train_sub
 
 @pytest.fixture(scope='module')
 def jpeg_data():
-    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
-    if not path.exists():
-        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+    need_data('cifar10-jpeg75')
     data.load_split('cifar10-jpeg75', 'train')  # decode once, outside any budget
 
 
@@ -70,20 +70,50 @@ def test_deadline_allows_an_epoch_only_if_it_and_two_evaluations_fit():
     assert not d.fits_another(epoch_started=60.0 - 40.0, now=60.0)      # 60 + 2 + 40 + tail > 100
 
 
-def test_time_calls_excludes_warmup_and_measures_the_mean():
+@pytest.fixture
+def clock(monkeypatch):
+    """A perf_counter that only the timed calls advance (``clock.tick(s)``): exact timings on a loaded machine."""
+    class Clock:
+        now = 100.0
+
+        def tick(self, seconds):
+            self.now += seconds
+    c = Clock()
+    monkeypatch.setattr(time_budget.time, 'perf_counter', lambda: c.now)
+    return c
+
+
+def test_time_calls_excludes_warmup_and_measures_the_mean(clock):
     calls = []
 
     def fn():
         calls.append(1)
-        time.sleep(0.02 if len(calls) <= 2 else 0.01)  # two slow warm-up calls
+        clock.tick(0.5 if len(calls) <= 2 else 0.01)  # two slow warm-up calls
     per_call, timed = time_calls(fn, warmup=2, min_calls=5, min_seconds=0.0)
     assert timed == 5 and len(calls) == 7
-    assert 0.009 <= per_call < 0.02
+    assert per_call == pytest.approx(0.01)
 
 
-def test_time_calls_runs_until_min_seconds():
-    per_call, timed = time_calls(lambda: time.sleep(0.005), warmup=0, min_calls=1, min_seconds=0.1)
-    assert timed > 1 and per_call * timed >= 0.1  # min_calls alone would have stopped after one call
+def test_time_calls_runs_until_min_seconds(clock):
+    per_call, timed = time_calls(lambda: clock.tick(0.03), warmup=0, min_calls=1, min_seconds=0.1)
+    assert timed == 4 and per_call == pytest.approx(0.03)  # min_calls alone would have stopped after one call
+
+
+def test_time_calls_syncs_before_every_clock_read(clock):
+    events = []
+    time_calls(lambda: events.append('call'), warmup=1, min_calls=2, sync=lambda: events.append('sync'))
+    assert events == ['call', 'sync', 'call', 'sync', 'call', 'sync']
+
+
+def test_process_age_reads_the_start_time_from_proc(monkeypatch):
+    # Field 22 of /proc/self/stat, counted after the command name, which may hold spaces and parentheses.
+    stat = '4242 (py (x) y) S ' + ' '.join(['1'] * 18) + ' 250000 ' + ' '.join(['0'] * 30)
+    files = {'/proc/self/stat': stat, '/proc/uptime': '2512.75 9000.00\n'}
+    monkeypatch.setattr(time_budget.Path, 'read_text', lambda self: files[str(self)])
+    monkeypatch.setattr(time_budget.os, 'sysconf', lambda name: 100)  # clock ticks per second
+    assert time_budget.process_age() == pytest.approx(2512.75 - 2500.0)
+    files['/proc/uptime'] = 'garbled'
+    assert time_budget.process_age() == 0.0
 
 
 def test_process_age_counts_from_the_process_start():
@@ -93,7 +123,9 @@ def test_process_age_counts_from_the_process_start():
             f's.loader.exec_module(m); time.sleep(0.5); print(m.process_age())')
     start = time.perf_counter()
     age = float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)
-    assert 0.5 <= age <= time.perf_counter() - start + 0.05
+    # No speed is assumed, so load cannot break it: the child sleeps 0.5 s before asking and lives within
+    # this window. /proc counts in clock ticks (1/100 s): the slack is a few of them.
+    assert 0.5 <= age <= time.perf_counter() - start + 5 / os.sysconf('SC_CLK_TCK')
 
 
 def test_time_budget_must_be_positive():
@@ -140,7 +172,7 @@ def test_cli_refuses_a_budget_that_fits_no_epoch(jpeg_data, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     args = ['--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--train-subset', '128', '--val-size', '64',
             '--test-subset', '100', '--batch-size', '32', '--num-threads', '1', '--time-budget', '1',
-            '--output', str(tmp_path / 'r')]
+            '--output', str(tmp_path / 'new' / 'r')]
     result = subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'train', *args], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
@@ -148,4 +180,13 @@ def test_cli_refuses_a_budget_that_fits_no_epoch(jpeg_data, tmp_path):
     assert len(lines) == 1 and 'Traceback' not in result.stderr
     assert lines[0].startswith('sd-zoo train: error: --time-budget 1 fits no epoch: set-up took ')
     assert 'give at least' in lines[0] and '--train-subset' in lines[0]
-    assert not (tmp_path / 'r' / 'metrics.jsonl').exists()
+    assert not (tmp_path / 'new').exists()  # the refused run removed the folders it made, lock and all
+
+
+def test_a_refused_budget_leaves_a_folder_it_did_not_make_as_it_was(jpeg_data, tmp_path):
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('kept')
+    with pytest.raises(ConfigError, match='--time-budget 0.01 fits no epoch'):
+        train.train(dict(TINY, epochs=5, time_budget=0.01, output=str(mine)))
+    assert sorted(p.name for p in mine.iterdir()) == ['notes.txt']

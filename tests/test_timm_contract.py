@@ -60,3 +60,20 @@ def test_sd_zoo_timm_runs_a_script_unchanged_with_the_models_registered(tmp_path
     proc = subprocess.run([sys.executable, '-m', 'sd_zoo.cli', 'timm', str(tmp_path / 'validate.py')],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and 'no such file' in proc.stderr
+
+
+def test_the_packages_timm_scripts_need_are_the_timm_scripts_extra(tmp_path, monkeypatch, capsys):
+    import tomllib
+    from pathlib import Path
+
+    from sd_zoo import cli, timm_scripts
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / 'pyproject.toml').read_text())
+    extra = pyproject['project']['optional-dependencies']['timm-scripts']
+    assert [req.split('>')[0].split('=')[0] for req in extra] == list(timm_scripts.SCRIPT_PACKAGES)
+    script = tmp_path / 'inference.py'
+    script.write_text('import pandas\n')
+    monkeypatch.setitem(sys.modules, 'pandas', None)  # what `import pandas` meets where it is not installed
+    assert cli.main(['timm', str(script)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("sd-zoo timm: error: inference.py needs the Python package 'pandas', which is not installed: "
+                   'pip install pandas (or pip install "sd-zoo[timm-scripts]")')

@@ -2,6 +2,7 @@
 parts of timm's train.py that sd-zoo models must support."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from sd_zoo import load_model
 from sd_zoo.checkpoint import read_metadata
 from sd_zoo.evaluate import evaluate, model_logits_fn
 
+from conftest import need_data
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', train_subset=128, val_size=64, test_subset=100,
             epochs=2, batch_size=32, num_threads=1, quiet=True)
@@ -31,9 +34,7 @@ TINY = dict(model='sd_resnet20', data='cifar10-jpeg75', train_subset=128, val_si
 
 @pytest.fixture(scope='module')
 def jpeg_data():
-    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
-    if not path.exists():
-        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+    need_data('cifar10-jpeg75')
     data.load_split('cifar10-jpeg75', 'train')  # decode once, before any subprocess needs the cache
 
 
@@ -141,10 +142,17 @@ def test_plot_of_two_runs(runs, tmp_path):
 
 def test_refuses_to_overwrite_or_resume_with_other_settings(runs):
     root, _ = runs
+    run = root / 'sd'
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(ConfigError, match='already holds a run'):
-        train.train(dict(TINY, output=root / 'sd'))
-    with pytest.raises(ConfigError, match='other settings .*lr'):
-        train.train(dict(TINY, output=root / 'sd', resume=True, lr=0.05))
+        train.train(dict(TINY, output=run))
+    # Settings not given come from the run's record; each given one that disagrees is named.
+    with pytest.raises(ConfigError, match=r"other settings: --lr 0.05 differs from the run's 0.1, --recipe fast "
+                                          r"differs from the run's paper; leave them out"):
+        train.train(dict(output=run, resume=True, lr=0.05, recipe='fast'))
+    with pytest.raises(ConfigError, match=r"other settings: --train-subset 64 differs from the run's 128;"):
+        train.train(dict(TINY, output=run, resume=True, train_subset=64, num_threads=2, eval_every=2))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # refused resumes leave the run as it was
 
 
 def test_checkpoint_loads_with_weights_only(runs):
@@ -185,7 +193,8 @@ def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
     assert torch.load(ckpt, weights_only=True)['epoch'] == 1, 'the kill came after epoch 2 had finished'
     assert not (tmp_path / 'run' / 'final.safetensors').exists()
 
-    cmd, env = _cli(*args, '--output', str(tmp_path / 'run'), '--resume')
+    # No other flag: the run's checkpoint supplies its settings.
+    cmd, env = _cli('train', '--output', str(tmp_path / 'run'), '--resume')
     subprocess.run(cmd, env=env, check=True, timeout=300)
     for name in ('final.safetensors', 'best.safetensors'):
         ref, got = _tensors(tmp_path / 'ref' / name), _tensors(tmp_path / 'run' / name)
@@ -194,7 +203,7 @@ def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
             assert torch.equal(ref[k], got[k]), f'{name}: {k} differs after resume'
     assert _untimed_metrics(tmp_path / 'ref' / 'metrics.jsonl') == _untimed_metrics(metrics)
     run_json = json.loads((tmp_path / 'run' / 'run.json').read_text())
-    assert len(run_json['commands']) == 2 and run_json['commands'][1].endswith('--resume')
+    assert run_json['commands'][1:] == [shlex.join(['sd-zoo', 'train', '--output', str(tmp_path / 'run'), '--resume'])]
 
 
 # --- DDP ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from sd_zoo import cli, data, uncertainty
 from sd_zoo.errors import ConfigError
 from sd_zoo.uncertainty import depth_sampling, gated_blocks, mc_predict
 
+from conftest import need_data
+
 # Five images, three classes; confidences away from the 15 bin edges (multiples of 1/15).
 PROBS = torch.tensor([[0.70, 0.20, 0.10],    # label 0: right, confidence 0.70 (bin 10)
                       [0.10, 0.62, 0.28],    # label 2: wrong, 0.62 (bin 9)
@@ -194,9 +196,7 @@ def test_temperature_is_fitted_on_validation_images_never_on_test_images(monkeyp
 
 @pytest.fixture
 def jpeg_data():
-    path = data.data_root() / 'cifar10-jpeg75.tar.gz'
-    if not path.exists():
-        pytest.skip(f'{path} not found (set SD_ZOO_DATA to the folder holding the CIFAR files)')
+    need_data('cifar10-jpeg75')
 
 
 def test_eval_mc_samples_prints_the_three_rows_json_and_plot(jpeg_data, tmp_path, capsys):
@@ -220,8 +220,8 @@ def test_eval_mc_samples_prints_the_three_rows_json_and_plot(jpeg_data, tmp_path
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--mc-samples', '0'], 'positive integer'),
-    (['--mc-samples', '-2'], 'positive integer'),
+    (['--mc-samples', '0'], '--mc-samples must be >= 1, got 0'),
+    (['--mc-samples', '-2'], '--mc-samples must be >= 1, got -2'),
     (['--mc-samples', '2', '--onnx', 'sd20.onnx'], 'an ONNX file holds only the deterministic'),
     (['--mc-samples', '2', '--split', 'train'], 'measures on the test split'),
     (['--plot', 'r.png'], 'add --mc-samples'),
