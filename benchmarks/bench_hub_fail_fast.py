@@ -66,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
 
     import sd_zoo  # noqa: F401  (registers the models)
-    from sd_zoo import pretrained
+    from sd_zoo.weights import pretrained
 
     sent = counted_requests()
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as closed, socket.socket() as silent:

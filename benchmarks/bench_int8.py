@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from sd_zoo.onnx_export import export_onnx
-from sd_zoo.onnx_runtime import OnnxClassifier, time_interleaved
-from sd_zoo.quantize import compare_on_test, quantize_int8
+from sd_zoo.deploy.onnx_export import export_onnx
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier, time_interleaved
+from sd_zoo.deploy.quantize import compare_on_test, quantize_int8
 
 
 def main():

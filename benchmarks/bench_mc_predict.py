@@ -15,7 +15,7 @@ import timm
 import torch
 
 import sd_zoo
-from sd_zoo.uncertainty import depth_sampling
+from sd_zoo.evaluation.uncertainty import depth_sampling
 
 
 def timed(fn) -> float:

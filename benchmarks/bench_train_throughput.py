@@ -15,7 +15,8 @@ import torch
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import data, train
+from sd_zoo import data
+from sd_zoo.training import train
 
 
 def _sync(device: torch.device) -> None:

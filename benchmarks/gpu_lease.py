@@ -101,8 +101,8 @@ DRY_PLAN = Plan(dry=True, model='sd_resnet20', timeout_s=210, margin_s=30, infer
 
 
 def _load_time_budget():
-    """sd_zoo/time_budget.py on its own: the orchestrator never imports torch or timm (see ensure_packages)."""
-    spec = importlib.util.spec_from_file_location('sd_zoo_time_budget', REPO / 'sd_zoo' / 'time_budget.py')
+    """sd_zoo/training/time_budget.py on its own: the orchestrator never imports torch or timm (see ensure_packages)."""
+    spec = importlib.util.spec_from_file_location('sd_zoo_time_budget', REPO / 'sd_zoo' / 'training' / 'time_budget.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -151,7 +151,8 @@ def probe_worker(args: argparse.Namespace) -> int:
     import torch
     import timm
 
-    from sd_zoo import data, train
+    from sd_zoo import data
+    from sd_zoo.training import train
 
     def say(obj) -> None:
         print(PROTOCOL + json.dumps(obj), flush=True)

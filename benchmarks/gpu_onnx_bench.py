@@ -37,8 +37,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from sd_zoo import load_model  # noqa: E402
-from sd_zoo.onnx_export import export_onnx  # noqa: E402
-from sd_zoo.onnx_runtime import OnnxClassifier, import_onnxruntime, physical_cores, time_interleaved  # noqa: E402
+from sd_zoo.deploy.onnx_export import export_onnx  # noqa: E402
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier, import_onnxruntime, physical_cores, time_interleaved  # noqa: E402
 
 # Seconds to keep free for torch.compile of two batch sizes on a GPU (half for one), else it is skipped.
 COMPILE_NEEDS_S = 50.0

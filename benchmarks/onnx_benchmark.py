@@ -4,7 +4,7 @@
     python benchmarks/onnx_benchmark.py --model sd_resnet110 --batch-sizes 1 64
 
 Exports the model (random weights, or ``--checkpoint``) to a temporary file, then times PyTorch eager
-(``inference_mode``) and the ONNX Runtime session of ``sd_zoo.onnx_runtime.OnnxClassifier``
+(``inference_mode``) and the ONNX Runtime session of ``sd_zoo.deploy.onnx_runtime.OnnxClassifier``
 round-robin at each batch size, so that load from other processes hits both alike, and reports the
 median of the repeats and the speed-up. Both use the same number of threads (one per physical core
 unless ``--threads``); ORT's worker threads do not spin between runs, so that they take no cores
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sd_zoo import load_model  # noqa: E402
-from sd_zoo.onnx_export import export_onnx  # noqa: E402
-from sd_zoo.onnx_runtime import OnnxClassifier, import_onnxruntime, physical_cores, time_interleaved  # noqa: E402
+from sd_zoo.deploy.onnx_export import export_onnx  # noqa: E402
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier, import_onnxruntime, physical_cores, time_interleaved  # noqa: E402
 
 
 def benchmark(model_name='sd_resnet110', checkpoint=None, batch_sizes=(1, 64), repeats=None, threads=None):

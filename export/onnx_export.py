@@ -3,7 +3,7 @@
 
     python export/onnx_export.py --model sd_resnet110 --checkpoint final.safetensors -o sd_resnet110.onnx
 
-The same command as ``sd-zoo export``; the implementation is sd_zoo/onnx_export.py.
+The same command as ``sd-zoo export``; the implementation is sd_zoo/deploy/onnx_export.py.
 """
 import sys
 from pathlib import Path

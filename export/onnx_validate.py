@@ -3,7 +3,7 @@
 
     python export/onnx_validate.py sd_resnet110.onnx --data cifar10-jpeg75 --checkpoint final.safetensors
 
-The same command as ``sd-zoo validate``; the implementation is sd_zoo/onnx_validate.py.
+The same command as ``sd-zoo validate``; the implementation is sd_zoo/deploy/onnx_validate.py.
 """
 import sys
 from pathlib import Path

@@ -9,11 +9,11 @@ Importing the package registers the models with timm::
 normalisation its weights were trained with.
 """
 from .errors import SDZooError
-from .stochastic_depth import StochasticDepth, expected_depth, survival_probs
-from .sd_cifar_resnet import SDCifarResNet
-from .sd_imagenet_resnet import SDImageNetResNet
-from .loader import load_model
-from .pruning import prune_blocks
-from .uncertainty import mc_predict
+from .models.stochastic_depth import StochasticDepth, expected_depth, survival_probs
+from .models.sd_cifar_resnet import SDCifarResNet
+from .models.sd_imagenet_resnet import SDImageNetResNet
+from .weights.loader import load_model
+from .deploy.pruning import prune_blocks
+from .evaluation.uncertainty import mc_predict
 
 __version__ = '0.2.0'

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataNotFoundError
 from .files import atomic_write, sha256_file
-from .inputs import check_uint8_images
+from .models.inputs import check_uint8_images
 
 # Published statistics of the lossless training sets (the JPEG copies are within 0.003 of them).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -14,7 +14,7 @@ class ConfigError(SDZooError, ValueError):
 
 
 class InputShapeError(SDZooError, ValueError):
-    """An input batch has the wrong shape, dtype or value range for what takes it (see ``sd_zoo.inputs``)."""
+    """An input batch has the wrong shape, dtype or value range for what takes it (see ``sd_zoo.models.inputs``)."""
 
 
 class DataNotFoundError(SDZooError, FileNotFoundError):

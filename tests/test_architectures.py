@@ -6,8 +6,8 @@ from torch import nn
 import timm
 import sd_zoo  # noqa: F401
 from sd_zoo.errors import ConfigError, InputShapeError, WeightsError
-from sd_zoo.sd_cifar_resnet import CifarBasicBlock, ZeroPadShortcut
-from sd_zoo.sd_imagenet_resnet import load_imagenet_resnet_weights
+from sd_zoo.models.sd_cifar_resnet import CifarBasicBlock, ZeroPadShortcut
+from sd_zoo.models.sd_imagenet_resnet import load_imagenet_resnet_weights
 
 # He et al. 2016 (Table 6) and the stochastic-depth paper: parameter counts of the CIFAR ResNets.
 HE_PARAMS_M = {'sd_resnet20': 0.27, 'sd_resnet32': 0.46, 'sd_resnet44': 0.66, 'sd_resnet56': 0.85,

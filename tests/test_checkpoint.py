@@ -10,7 +10,8 @@ import timm
 import torch
 
 import sd_zoo
-from sd_zoo import checkpoint, files, loader, pretrained
+from sd_zoo.weights import checkpoint, loader, pretrained
+from sd_zoo import files
 from sd_zoo.errors import ConfigError, WeightsError
 
 SHIPPED = pretrained.SHIPPED_DIR / 'sd_resnet20.c10j75'

@@ -1,4 +1,4 @@
-"""The one range check of numeric settings (sd_zoo.cli_args): its bounds at their edges, every numeric flag of
+"""The one range check of numeric settings (sd_zoo.cli.args): its bounds at their edges, every numeric flag of
 every command declared with one, and train(config) held to the same bounds as its flags."""
 import argparse
 import math
@@ -7,8 +7,9 @@ import re
 import pytest
 
 import sd_zoo  # noqa: F401  (registers the models)
-from sd_zoo import cli, train
-from sd_zoo.cli_args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, InRange, check_range
+from sd_zoo import cli
+from sd_zoo.training import train
+from sd_zoo.cli.args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, InRange, check_range
 from sd_zoo.errors import ConfigError
 
 
@@ -59,7 +60,7 @@ def test_every_numeric_flag_of_every_command_has_a_bound():
                     unbounded.append(numeric[-1])
     assert len(numeric) >= 40 and {'sd-zoo demo --random', 'sd-zoo hub build --limit', 'sd-zoo export --batch',
                                    'sd-zoo train --sd-probs'} <= set(numeric)
-    assert not unbounded, f'numeric flags without a bound (sd_zoo.cli_args.add_number): {unbounded}'
+    assert not unbounded, f'numeric flags without a bound (sd_zoo.cli.args.add_number): {unbounded}'
 
 
 def test_a_number_out_of_range_stops_parsing_with_the_flag_the_user_typed():

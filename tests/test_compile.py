@@ -5,7 +5,7 @@ import torch
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo.train import compile_branches
+from sd_zoo.training.train import compile_branches
 
 
 @pytest.mark.slow

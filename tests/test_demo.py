@@ -6,8 +6,10 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 import sd_zoo  # noqa: F401  (registers the models)
-from sd_zoo import cli, data, demo, pretrained
-from sd_zoo.checkpoint import save_weights
+from sd_zoo import cli, data
+from sd_zoo.cli import demo
+from sd_zoo.weights import pretrained
+from sd_zoo.weights.checkpoint import save_weights
 
 from conftest import need_data
 from test_hub import build, make_run
@@ -99,7 +101,7 @@ def test_demo_names_the_classes_of_cifar100_weights_on_image_files(tmp_path, cap
 
 def test_demo_on_cifar_reports_the_accuracy_of_the_card(hub_folder, capsys):
     need_data()
-    from sd_zoo.model_card import card_metrics, read_card
+    from sd_zoo.publishing.model_card import card_metrics, read_card
     result = run_demo('--weights', str(hub_folder), '--limit', '100')
     assert result['model'] == hub_folder.name  # named after the folder given, not after the default model
     assert result['n'] == 100 and 'CIFAR-10 (JPEG-75 copy) test images' in result['inputs']

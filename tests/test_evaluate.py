@@ -9,8 +9,10 @@ import torch
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import cli, evaluate, pretrained
-from sd_zoo.checkpoint import save_weights
+from sd_zoo import cli
+from sd_zoo.evaluation import evaluate
+from sd_zoo.weights import pretrained
+from sd_zoo.weights.checkpoint import save_weights
 from sd_zoo.data import CIFAR10_MEAN, CIFAR10_STD
 from sd_zoo.errors import ConfigError
 from sd_zoo.files import sha256_file
@@ -28,9 +30,9 @@ def jpeg_test_set():
 
 
 def test_every_scorer_refuses_data_of_another_class_count_before_reading_it(monkeypatch, tmp_path):
-    from sd_zoo.prune_curve import measure_curves
-    from sd_zoo.pruning import importance_ranking
-    from sd_zoo.uncertainty import calibration_report
+    from sd_zoo.deploy.prune_curve import measure_curves
+    from sd_zoo.deploy.pruning import importance_ranking
+    from sd_zoo.evaluation.uncertainty import calibration_report
 
     monkeypatch.setenv('SD_ZOO_DATA', str(tmp_path))  # nothing there: reading the data first would fail otherwise
     model = sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=100)
@@ -135,6 +137,6 @@ def test_evaluate_model_matches_the_command(jpeg_test_set, capsys):
 def test_onnx_without_runtime_module_is_a_clear_error(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'sd_zoo.onnx_runtime' else real_find_spec(name, *a))
-    with pytest.raises(ConfigError, match='sd_zoo.onnx_runtime'):
+                        lambda name, *a: None if name == 'sd_zoo.deploy.onnx_runtime' else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match='sd_zoo.deploy.onnx_runtime'):
         evaluate._load_onnx('model.onnx', 'cpu')

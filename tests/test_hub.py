@@ -19,11 +19,13 @@ import torch
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
 from huggingface_hub import constants as hf_constants
-from sd_zoo import checkpoint, cli, data, hub, pretrained
+from sd_zoo.weights import checkpoint, pretrained
+from sd_zoo import cli, data
+from sd_zoo.publishing import hub
 from sd_zoo.errors import ConfigError, WeightsError
-from sd_zoo.evaluate import evaluate_model
-from sd_zoo.model_card import PAPER_RESULTS, card_metrics, read_card
-from sd_zoo.pruning import prune_blocks
+from sd_zoo.evaluation.evaluate import evaluate_model
+from sd_zoo.publishing.model_card import PAPER_RESULTS, card_metrics, read_card
+from sd_zoo.deploy.pruning import prune_blocks
 
 from conftest import have_data, need_data
 from hub_stub import HubStub
@@ -452,13 +454,13 @@ def test_a_folder_named_as_a_published_tag_must_hold_its_published_weights_where
     recorded, sha = pretrained.load_manifest()[NAME]['sha256'], hub.sha256_file(folder / 'model.safetensors')
     assert not pretrained.is_shipped(folder) and recorded != sha
     assert hub.check(folder, evaluate=False) == [
-        f'sd_zoo/published.json lists sha256 {recorded} for {NAME}, the file has {sha}: not the published weights '
+        f'sd_zoo/weights/published.json lists sha256 {recorded} for {NAME}, the file has {sha}: not the published weights '
         f'of {NAME}; to publish them as its new version, build them into the checkout\'s hub_configs/ (sd-zoo hub '
         f'build --force), which records them']
     assert cli.main(['hub', 'check', str(folder), '--skip-eval']) == 2
     assert f'{folder}: FAILED' in capsys.readouterr().out
     assert cli.main(['hub', 'push', str(folder), '--repo-id', f'sd-zoo/{NAME}', '--dry-run']) == 2
-    assert f'is not fit to push: sd_zoo/published.json lists sha256 {recorded}' in capsys.readouterr().err
+    assert f'is not fit to push: sd_zoo/weights/published.json lists sha256 {recorded}' in capsys.readouterr().err
 
 
 def test_a_new_version_of_a_published_tag_passes_check_once_its_build_records_it(built, tmp_path, own_manifest,
@@ -466,7 +468,7 @@ def test_a_new_version_of_a_published_tag_passes_check_once_its_build_records_it
     pretrained.write_manifest_entry(NAME, dict(sha256='0' * 64, model_args=source_model(built[0]).sd_config()))
     argv = ['hub', 'build', '--run', str(built[0]), '--skip-eval', '--pruning-rows', '0', '--out']
     assert cli.main(argv + [str(tmp_path / 'staged')]) == 0  # built elsewhere: not recorded, so not pushable
-    assert 'not recorded in sd_zoo/published.json, which publishes other weights as' in capsys.readouterr().out
+    assert 'not recorded in sd_zoo/weights/published.json, which publishes other weights as' in capsys.readouterr().out
     assert any('not the published weights of' in p for p in hub.check(tmp_path / 'staged' / NAME, evaluate=False))
     folder = hub.build(built[0], out=tmp_path / 'out', evaluate=False, manifest=own_manifest, pruning_rows=0)
     assert pretrained.load_manifest()[NAME]['sha256'] == hub.sha256_file(folder / 'model.safetensors')
@@ -583,7 +585,7 @@ def test_seed_cache_command_then_offline_load(built, hf_cache, capsys):
 
 
 def test_schedule_plot(tmp_path, capsys):
-    from sd_zoo.schedule_plot import plot_schedule
+    from sd_zoo.evaluation.schedule_plot import plot_schedule
     assert plot_schedule([1.0, 0.75, 0.5], tmp_path / 'list.png').read_bytes()[:4] == b'\x89PNG'
     assert cli.main(['schedule', '--model', 'sd_resnet110', '-o', str(tmp_path / 's.png')]) == 0
     assert '54 blocks, expected depth 40.25' in capsys.readouterr().out

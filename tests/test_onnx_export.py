@@ -13,15 +13,17 @@ from onnx import TensorProto, helper
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import data, pretrained
-from sd_zoo.checkpoint import save_weights
+from sd_zoo import data
+from sd_zoo.weights import pretrained
+from sd_zoo.weights.checkpoint import save_weights
 from sd_zoo.cli import main
 from sd_zoo.errors import ConfigError, ExportError, InputShapeError, WeightsError
-from sd_zoo.onnx_export import (
+from sd_zoo.deploy.onnx_export import (
     MIN_OPSET, RANDOM_OPS, check_no_random_ops, expected_value_model, export_onnx, fold_survival_probs,
-    op_histogram, shortcuts_as_convs)
-from sd_zoo.onnx_runtime import OnnxClassifier, normalize_uint8
-from sd_zoo.onnx_validate import check_fits_dataset, validate_onnx
+    op_histogram, shortcuts_as_convs
+)
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier, normalize_uint8
+from sd_zoo.deploy.onnx_validate import check_fits_dataset, validate_onnx
 
 from conftest import need_data
 

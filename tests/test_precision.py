@@ -7,7 +7,7 @@ import torch
 
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
-from sd_zoo import train
+from sd_zoo.training import train
 
 from conftest import need_data
 

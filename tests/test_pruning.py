@@ -12,16 +12,17 @@ import torch.nn.functional as F
 
 import sd_zoo
 from sd_zoo import data
-from sd_zoo.checkpoint import save_weights
+from sd_zoo.weights.checkpoint import save_weights
 from sd_zoo.cli import main
 from sd_zoo.errors import ConfigError
-from sd_zoo.model_card import count_params_macs
-from sd_zoo.onnx_export import export_onnx
-from sd_zoo.onnx_runtime import OnnxClassifier
-from sd_zoo.pruning import (
-    ShortcutOnly, apply_keep_blocks, blocks_to_keep, importance_ranking, kept_blocks, prune_blocks, survival_ranking,
-    validation_images)
-from sd_zoo.sd_cifar_resnet import SDCifarResNet
+from sd_zoo.publishing.model_card import count_params_macs
+from sd_zoo.deploy.onnx_export import export_onnx
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier
+from sd_zoo.deploy.pruning import (
+    ShortcutOnly, apply_keep_blocks, blocks_to_keep, importance_ranking, kept_blocks, prune_blocks,
+    survival_ranking, validation_images
+)
+from sd_zoo.models.sd_cifar_resnet import SDCifarResNet
 
 import test_onnx_export as onnx_tests
 
@@ -237,7 +238,7 @@ def test_macs_fall_by_each_dropped_branch():
 
 
 def test_curve_depths():
-    from sd_zoo.prune_curve import depths
+    from sd_zoo.deploy.prune_curve import depths
 
     assert depths(timm.create_model('sd_resnet20')) == [9, 8, 7, 6, 5, 4, 3]
     assert depths(small_net()) == [6, 5, 4, 3]
@@ -245,8 +246,8 @@ def test_curve_depths():
 
 
 def test_prune_curve_cli(tmp_path, capsys, monkeypatch):
-    import sd_zoo.prune_curve as pc
-    from sd_zoo.evaluate import evaluate_model, model_logits_fn
+    import sd_zoo.deploy.prune_curve as pc
+    from sd_zoo.evaluation.evaluate import evaluate_model, model_logits_fn
 
     torch.manual_seed(0)
     model = randomize_norms(timm.create_model('sd_resnet20'))
@@ -327,7 +328,7 @@ def test_cli_unknown_prune_order(tmp_path, capsys):
 
 
 def test_importance_data_defaults_to_what_the_weights_were_trained_on(tmp_path):
-    from sd_zoo.pruning import training_data
+    from sd_zoo.deploy.pruning import training_data
 
     assert training_data(sd_zoo.load_model('sd_resnet20.c10j75')) == 'cifar10-jpeg75'
     assert training_data(timm.create_model('sd_resnet20')) is None  # a fresh net saw no data
@@ -337,7 +338,7 @@ def test_importance_data_defaults_to_what_the_weights_were_trained_on(tmp_path):
 
 
 def test_model_card_table_picks_evenly_spaced_depths(monkeypatch):
-    import sd_zoo.prune_curve as pc
+    import sd_zoo.deploy.prune_curve as pc
 
     asked = {}
 

@@ -13,9 +13,9 @@ from onnx import numpy_helper
 from sd_zoo import data
 from sd_zoo.cli import main
 from sd_zoo.errors import ConfigError
-from sd_zoo.onnx_export import export_onnx, op_histogram
-from sd_zoo.onnx_runtime import OnnxClassifier
-from sd_zoo.quantize import LARGE_DROP, Int8Report, calibration_images, export_int8, quantize_int8
+from sd_zoo.deploy.onnx_export import export_onnx, op_histogram
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier
+from sd_zoo.deploy.quantize import LARGE_DROP, Int8Report, calibration_images, export_int8, quantize_int8
 
 from conftest import need_data
 
@@ -109,7 +109,7 @@ def test_int8_bad_input(tmp_path, capsys, real_data, extra, message):
 
 def test_int8_refuses_weights_of_another_class_count_before_writing(tmp_path, capsys, real_data):
     import sd_zoo
-    from sd_zoo.checkpoint import save_weights
+    from sd_zoo.weights.checkpoint import save_weights
 
     weights = save_weights(sd_zoo.load_model('sd_resnet20', pretrained=False, num_classes=100),
                            tmp_path / 'c100.safetensors', 'sd_resnet20', data='cifar100-jpeg75')

@@ -8,8 +8,8 @@ from torch import nn
 import timm
 import sd_zoo  # noqa: F401  (registers the models)
 from sd_zoo.errors import ConfigError
-from sd_zoo.sd_cifar_resnet import CifarBasicBlock, SDCifarResNet
-from sd_zoo.stochastic_depth import StochasticDepth, expected_depth, survival_probs
+from sd_zoo.models.sd_cifar_resnet import CifarBasicBlock, SDCifarResNet
+from sd_zoo.models.stochastic_depth import StochasticDepth, expected_depth, survival_probs
 
 # Bernoulli frequency checks allow this many standard deviations: a false failure has odds < 1e-5.
 Z = 4.5

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_zoo import data, time_budget, train
+from sd_zoo import data
+from sd_zoo.training import time_budget, train
 from sd_zoo.errors import ConfigError
-from sd_zoo.time_budget import Deadline, TAIL_S, epochs_cost, evaluations, plan_epochs, time_calls
+from sd_zoo.training.time_budget import Deadline, TAIL_S, epochs_cost, evaluations, plan_epochs, time_calls
 
 from conftest import need_data
 
@@ -119,7 +120,7 @@ def test_process_age_reads_the_start_time_from_proc(monkeypatch):
 def test_process_age_counts_from_the_process_start():
     # time_budget.py loaded by path: this child does not import torch.
     code = (f'import importlib.util, time; s = importlib.util.spec_from_file_location("tb", '
-            f'{str(REPO / "sd_zoo" / "time_budget.py")!r}); m = importlib.util.module_from_spec(s); '
+            f'{str(REPO / "sd_zoo" / "training" / "time_budget.py")!r}); m = importlib.util.module_from_spec(s); '
             f's.loader.exec_module(m); time.sleep(0.5); print(m.process_age())')
     start = time.perf_counter()
     age = float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)

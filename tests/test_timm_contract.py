@@ -66,7 +66,8 @@ def test_the_packages_timm_scripts_need_are_the_timm_scripts_extra(tmp_path, mon
     import tomllib
     from pathlib import Path
 
-    from sd_zoo import cli, timm_scripts
+    from sd_zoo import cli
+    from sd_zoo.cli import timm_scripts
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / 'pyproject.toml').read_text())
     extra = pyproject['project']['optional-dependencies']['timm-scripts']
     assert [req.split('>')[0].split('=')[0] for req in extra] == list(timm_scripts.SCRIPT_PACKAGES)

@@ -19,11 +19,12 @@ import sd_zoo  # noqa: F401  (registers the models)
 import timm
 import timm.data
 import timm.optim
-from sd_zoo import data, train
+from sd_zoo import data
+from sd_zoo.training import train
 from sd_zoo.errors import ConfigError
 from sd_zoo import load_model
-from sd_zoo.checkpoint import read_metadata
-from sd_zoo.evaluate import evaluate, model_logits_fn
+from sd_zoo.weights.checkpoint import read_metadata
+from sd_zoo.evaluation.evaluate import evaluate, model_logits_fn
 
 from conftest import need_data
 
@@ -133,7 +134,7 @@ def test_constant_depth_executes_every_block(runs):
 
 
 def test_plot_of_two_runs(runs, tmp_path):
-    from sd_zoo.metrics_plot import plot_runs, run_label
+    from sd_zoo.evaluation.metrics_plot import plot_runs, run_label
     root, _ = runs
     assert 'constant depth' in run_label(root / 'const') and 'p_L = 0.5' in run_label(root / 'sd')
     png = plot_runs([root / 'sd', root / 'const'], tmp_path / 'fig.png')
@@ -301,7 +302,7 @@ def test_fine_tuning_starts_from_the_tags_weights_with_a_new_head(tmp_path):
 def test_init_weights_are_recorded_in_the_new_weights(jpeg_data, tmp_path):
     start = load_model('sd_resnet20.c10j75')
     path = tmp_path / 'start.safetensors'
-    from sd_zoo.checkpoint import save_weights
+    from sd_zoo.weights.checkpoint import save_weights
     save_weights(start, path, data='cifar10-jpeg75')
     train.train(dict(TINY, epochs=1, max_steps=1, init_weights=str(path), output=tmp_path / 'ft'))
     meta = read_metadata(tmp_path / 'ft' / 'final.safetensors')

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import sd_zoo
-from sd_zoo import cli, data, uncertainty
+from sd_zoo import cli, data
+from sd_zoo.evaluation import uncertainty
 from sd_zoo.errors import ConfigError
-from sd_zoo.uncertainty import depth_sampling, gated_blocks, mc_predict
+from sd_zoo.evaluation.uncertainty import depth_sampling, gated_blocks, mc_predict
 
 from conftest import need_data
 
@@ -234,7 +235,7 @@ def test_eval_mc_bad_arguments_fail_cleanly(argv, message, capsys):
 
 
 def test_eval_mc_on_a_model_without_stochastic_depth_fails_cleanly(tmp_path, capsys):
-    from sd_zoo.checkpoint import save_weights
+    from sd_zoo.weights.checkpoint import save_weights
     path = save_weights(timm.create_model('resnet18', num_classes=10), tmp_path / 'r18.safetensors',
                         data='cifar10-jpeg75', recipe='paper')
     with pytest.warns(UserWarning, match='no stochastic-depth settings'):

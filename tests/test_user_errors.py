@@ -15,13 +15,15 @@ from huggingface_hub import constants as hf_constants
 from onnx import TensorProto, helper
 
 import sd_zoo  # noqa: F401  (registers the models)
-from sd_zoo import checkpoint, cli, data, pretrained, train
+from sd_zoo.weights import checkpoint, pretrained
+from sd_zoo import cli, data
+from sd_zoo.training import train
 
 from conftest import have_data
 from sd_zoo.errors import InputShapeError
-from sd_zoo.evaluate import model_logits_fn
+from sd_zoo.evaluation.evaluate import model_logits_fn
 from sd_zoo.files import set_onnx_metadata, sha256_file
-from sd_zoo.onnx_runtime import OnnxClassifier, normalize_uint8
+from sd_zoo.deploy.onnx_runtime import OnnxClassifier, normalize_uint8
 
 HUB_FOLDER = pretrained.SHIPPED_DIR / 'sd_resnet20.c10j75'
 TRAIN = ['train', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--quiet']

@@ -24,8 +24,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
-from .errors import ConfigError
-from .pretrained import cifar_cfg, trainable_tags
+from ..errors import ConfigError
+from ..weights.pretrained import cifar_cfg, trainable_tags
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 
@@ -193,8 +193,9 @@ def _create(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwa
     return create_sd_model(SDCifarResNet, variant, pretrained, blocks_per_stage=blocks_per_stage, **kwargs)
 
 
-# Every architecture takes every tag of the data the trainer supports (what a tag means: sd_zoo.pretrained.TAGS),
-# so that a user's own run of any of them publishes under its tag. The first tag is the default.
+# Every architecture takes every tag of the data the trainer supports (what a tag means:
+# sd_zoo.weights.pretrained.TAGS), so that a user's own run of any of them publishes under its tag.
+# The first tag is the default.
 CIFAR_ARCHS = ('sd_resnet20', 'sd_resnet32', 'sd_resnet44', 'sd_resnet56', 'sd_resnet110', 'sd_resnet1202',
                'sd_svhn_resnet152')
 default_cfgs = generate_default_cfgs({

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli_args import COUNT, add_number
-from .errors import ConfigError, ExportError
-from .files import atomic_write, set_onnx_metadata
+from ..cli.args import COUNT, add_number
+from ..errors import ConfigError, ExportError
+from ..files import atomic_write, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime
 from .pruning import parse_order, prune_blocks
 from .quantize import CALIBRATION_IMAGES, export_int8
-from .loader import Provenance, add_model_arguments, model_args_of
-from .stochastic_depth import StochasticDepth
+from ..weights.loader import Provenance, add_model_arguments, model_args_of
+from ..models.stochastic_depth import StochasticDepth
 
 # Operators that would make the exported network stochastic; the export fails if any appears.
 RANDOM_OPS = frozenset({
@@ -148,7 +148,7 @@ def _display_name(model: nn.Module) -> str:
 class ExportReport:
     """What :func:`export_onnx` wrote and how the file checked out."""
     path: str
-    model: str                   # names the weights as sd_zoo.loader.Provenance does, with source and sha256
+    model: str                   # names the weights as sd_zoo.weights.loader.Provenance does, with source and sha256
     source: str
     weights_sha256: Optional[str]
     exporter: str
@@ -299,11 +299,11 @@ def _probe(path: str, reference: np.ndarray, example: np.ndarray, fp16: bool) ->
 def build_model(model_name: Optional[str] = None, pretrained: bool = False,
                 checkpoint: Optional[Union[str, os.PathLike]] = None,
                 model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to export (through :func:`sd_zoo.loader.load_named`) and what names its weights: ``model``,
+    """The model to export (through :func:`sd_zoo.weights.loader.load_named`) and what names its weights: ``model``,
     ``source`` (the checkpoint's file name, 'pretrained' or 'random initialisation') and ``weights_sha256``."""
     from timm.models import split_model_name_tag
 
-    from .loader import load_named
+    from ..weights.loader import load_named
 
     model_args = model_args or {}
     if checkpoint is not None:
@@ -325,7 +325,7 @@ def build_model(model_name: Optional[str] = None, pretrained: bool = False,
 
 def _resolve_model(model, pretrained, checkpoint, model_args, mean, std):
     """The module to export and the facts for its metadata, from a name, a checkpoint or a module."""
-    from .evaluate import normalization
+    from ..evaluation.evaluate import normalization
 
     if isinstance(model, nn.Module):
         if pretrained or checkpoint is not None or model_args:

@@ -21,8 +21,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import ConfigError, WeightsError
-from .files import PathLike, atomic_write, decode_metadata, encode_metadata, refuse_pickle
+from ..errors import ConfigError, WeightsError
+from ..files import PathLike, atomic_write, decode_metadata, encode_metadata, refuse_pickle
 
 
 def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data
-from .errors import ConfigError
+from .. import data
+from ..errors import ConfigError
 from .evaluate import check_model_fits, eval_model, load_eval_split, model_logits_fn, normalization
-from .stochastic_depth import StochasticDepth, check_gate_generator
+from ..models.stochastic_depth import StochasticDepth, check_gate_generator
 
 ECE_BINS = 15
 COVERAGES = (0.9, 0.8)

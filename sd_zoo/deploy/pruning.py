@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DATASETS, normalize, split_part
-from .errors import ConfigError
-from .evaluate import check_model_fits, normalization
-from .pretrained import TAGS
-from .stochastic_depth import StochasticDepth
+from ..data import DATASETS, normalize, split_part
+from ..errors import ConfigError
+from ..evaluation.evaluate import check_model_fits, normalization
+from ..weights.pretrained import TAGS
+from ..models.stochastic_depth import StochasticDepth
 
 ORDERS = ('survival', 'importance')
 # Validation images scored per block for the importance order: enough to rank 9-54 blocks, seconds on a CPU.

@@ -3,11 +3,11 @@
 Predictions come from a callable ``logits_fn(images) -> logits``: ``images`` is a uint8 tensor
 [B, 32, 32, 3] (HWC, RGB, not normalised) and the logits [B, C] a torch tensor or numpy array. The
 same :func:`evaluate` therefore scores a PyTorch model (:func:`model_logits_fn`), an ONNX file
-(``sd_zoo.onnx_runtime.OnnxClassifier(path)``, which must follow that contract) or anything else.
+(``sd_zoo.deploy.onnx_runtime.OnnxClassifier(path)``, which must follow that contract) or anything else.
 
 Models come from :func:`sd_zoo.load_model`: a pretrained tag, a Hub folder, or a safetensors file
 written by ``sd-zoo train``, each rebuilt with the settings and normalisation it was trained with. The
-result names the weights it came from (``sd_zoo.loader.Provenance``): a file by its path and sha256, a
+result names the weights it came from (``sd_zoo.weights.loader.Provenance``): a file by its path and sha256, a
 published tag's name only for the published weights of that tag.
 """
 import argparse
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import data
-from .cli_args import COUNT, NON_NEGATIVE, add_number
-from .errors import ConfigError
-from .files import sha256_file
-from .loader import Provenance, load_named
+from .. import data
+from ..cli.args import COUNT, NON_NEGATIVE, add_number
+from ..errors import ConfigError
+from ..files import sha256_file
+from ..weights.loader import Provenance, load_named
 
 LogitsFn = Callable[[torch.Tensor], object]
 
@@ -111,9 +111,9 @@ def load_eval_split(data_name: str, split: str, limit: Optional[int] = None, roo
 
 
 def _load_onnx(path: str, device: str) -> LogitsFn:
-    if importlib.util.find_spec('sd_zoo.onnx_runtime') is None:
-        raise ConfigError('--onnx needs sd_zoo.onnx_runtime, which this installation does not have')
-    from .onnx_runtime import OnnxClassifier
+    if importlib.util.find_spec('sd_zoo.deploy.onnx_runtime') is None:
+        raise ConfigError('--onnx needs sd_zoo.deploy.onnx_runtime, which this installation does not have')
+    from ..deploy.onnx_runtime import OnnxClassifier
     return OnnxClassifier(path, provider='cuda' if device.startswith('cuda') else 'cpu')
 
 
@@ -177,7 +177,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='timm name, e.g. sd_resnet110.c10j75 (pretrained tag); optional with --checkpoint')
     p.add_argument('--checkpoint', help='safetensors file written by sd-zoo train (final/best.safetensors)')
-    p.add_argument('--onnx', help='ONNX file, run through sd_zoo.onnx_runtime')
+    p.add_argument('--onnx', help='ONNX file, run through sd_zoo.deploy.onnx_runtime')
     p.add_argument('--data', required=True, choices=list(data.DATASETS))
     p.add_argument('--split', default='test', choices=('test', 'train'))
     add_number(p, '--batch-size', bound=COUNT, default=1000)
@@ -185,7 +185,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if available)')
     add_number(p, '--num-threads', bound=COUNT, help='torch CPU threads (default: torch decides)')
     p.add_argument('--json', action='store_true', help='print one JSON object last (top1_err, top5_err, n, ...)')
-    g = p.add_argument_group('uncertainty from depth (sd_zoo.uncertainty)')
+    g = p.add_argument_group('uncertainty from depth (sd_zoo.evaluation.uncertainty)')
     add_number(g, '--mc-samples', bound=COUNT, metavar='N',
                help='calibration of the expected-value net, of it temperature-scaled (T fitted on the validation '
                     'images held out of training; --limit caps them too) and of an N-sample depth ensemble')

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from . import data
-from .cli_args import COUNT, NON_NEGATIVE, add_number
-from .errors import ConfigError, ExportError
+from .. import data
+from ..cli.args import COUNT, NON_NEGATIVE, add_number
+from ..errors import ConfigError, ExportError
 from .onnx_runtime import PROVIDERS, OnnxClassifier
 
 
@@ -38,9 +38,9 @@ def check_fits_dataset(clf: OnnxClassifier, data_name: str, image_shape) -> None
 def pytorch_reference(clf: OnnxClassifier, model_name: Optional[str] = None, checkpoint: Optional[str] = None,
                       pretrained: bool = False) -> Tuple[Callable[[Any], Any], str]:
     """uint8 -> logits of the PyTorch model an ONNX file was exported from, with the same normalisation, and
-    the name of its weights (``sd_zoo.loader.Provenance``)."""
-    from .evaluate import model_logits_fn
-    from .loader import Provenance
+    the name of its weights (``sd_zoo.weights.loader.Provenance``)."""
+    from ..evaluation.evaluate import model_logits_fn
+    from ..weights.loader import Provenance
     from .onnx_export import build_model
 
     if checkpoint is None and not pretrained:
@@ -60,7 +60,7 @@ def validate_onnx(path: Union[str, Path, OnnxClassifier], data_name: str = 'cifa
     agreement with ``reference``: a uint8 batch [B, H, W, C] -> logits map (a PyTorch model through
     :func:`pytorch_reference`, or another :class:`OnnxClassifier`).
     """
-    from .evaluate import evaluate, load_eval_split
+    from ..evaluation.evaluate import evaluate, load_eval_split
 
     clf = path if isinstance(path, OnnxClassifier) else OnnxClassifier(path, provider)
     images, labels = load_eval_split(data_name, split, limit)

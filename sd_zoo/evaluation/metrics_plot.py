@@ -3,7 +3,7 @@
 Test error (solid, left axis) and training loss (dashed, right axis) against epoch, one colour per run,
 so a constant-depth run and a stochastic-depth run share one plot::
 
-    sd-zoo plot runs/sd runs/const -o fig3.png     # or: python -m sd_zoo.metrics_plot ...
+    sd-zoo plot runs/sd runs/const -o fig3.png     # or: python -m sd_zoo.evaluation.metrics_plot ...
 """
 import argparse
 import json
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import data
-from .errors import ConfigError
-from .stochastic_depth import describe_depth
+from .. import data
+from ..errors import ConfigError
+from ..models.stochastic_depth import describe_depth
 
 COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:brown')
 
@@ -102,7 +102,7 @@ def add_parser(subparsers) -> None:
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(prog='python -m sd_zoo.metrics_plot')
+    parser = argparse.ArgumentParser(prog='python -m sd_zoo.evaluation.metrics_plot')
     add_parser(parser.add_subparsers(dest='command', required=True))
     parsed = parser.parse_args(['plot'] + sys.argv[1:])
     sys.exit(parsed.func(parsed))

@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
-from .errors import ConfigError, ExportError
-from .files import atomic_write, decode_metadata, set_onnx_metadata
+from ..errors import ConfigError, ExportError
+from ..files import atomic_write, decode_metadata, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime, normalize_uint8
 from .onnx_validate import check_fits_dataset
 
@@ -32,7 +32,7 @@ LARGE_DROP = 1.0
 
 def calibration_images(data_name: Optional[str], num_images: int = CALIBRATION_IMAGES) -> np.ndarray:
     """The first ``num_images`` (class-balanced) uint8 images of the training part of ``data_name``'s train split."""
-    from . import data
+    from .. import data
 
     if not data_name:
         raise ConfigError('int8 quantization calibrates on training images: name the data '
@@ -148,7 +148,7 @@ class Int8Report:
 def compare_on_test(fp32_path: Union[str, os.PathLike], int8_path: Union[str, os.PathLike], data: str,
                     limit: Optional[int] = None, calibration_images: int = 0) -> Int8Report:
     """Top-1 error of both graphs on ``data``'s test split (``limit`` images, class-balanced, if given)."""
-    from .evaluate import load_eval_split
+    from ..evaluation.evaluate import load_eval_split
 
     images, labels = load_eval_split(data, 'test', limit)
     errs, preds = {}, {}

@@ -21,10 +21,10 @@ from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from . import data
+from .. import data
 from .checkpoint import load_state_dict
-from .errors import ConfigError, WeightsError
-from .files import PathLike, atomic_write_text
+from ..errors import ConfigError, WeightsError
+from ..files import PathLike, atomic_write_text
 
 HUB_ORG = 'sd-zoo'
 PAPER_ID = 'arXiv:1603.09382'
@@ -34,7 +34,7 @@ WEIGHTS_FILE = 'model.safetensors'
 
 MANIFEST_PATH = Path(__file__).with_name('published.json')
 # The checkout's folder of Hub repos (absent in an installed wheel); see ``sd-zoo hub seed-cache``.
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / 'hub_configs'
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / 'hub_configs'
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def tag_for(data_name: str, model_args: Dict[str, Any]) -> str:
     raise ConfigError(f'no pretrained tag means weights trained on {data_name} with {model_args}; the tags are '
                       f'{", ".join(f"{t} ({i.data}, {i.model_args})" for t, i in TAGS.items())}: '
                       f'train with the settings of one of them, or add a tag that means these to TAGS in '
-                      f'sd_zoo/pretrained.py')
+                      f'sd_zoo/weights/pretrained.py')
 
 
 def _cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
@@ -222,7 +222,7 @@ def _hub_weights(repo_id: str, name: str, published: bool, cache_dir) -> Dict[st
                            f'`sd-zoo hub seed-cache`)') from e
     if recorded and recorded != sha256:
         raise WeightsError(f'cached weights of {name} ({path}) have sha256 {sha256}, but '
-                           f'sd_zoo/published.json records {recorded}: delete them from the cache and download '
+                           f'sd_zoo/weights/published.json records {recorded}: delete them from the cache and download '
                            f'or seed them again (`sd-zoo hub seed-cache`)')
     return state
 

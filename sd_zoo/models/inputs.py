@@ -9,7 +9,7 @@ Arrays and tensors alike (numpy or torch): nothing here imports either.
 """
 import math
 
-from .errors import InputShapeError
+from ..errors import InputShapeError
 
 UINT8_IMAGES = 'uint8 images (N, H, W, C), RGB in [0, 255]'
 NORMALIZED = 'float (N, C, H, W) normalised as (x / 255 - mean) / std'

@@ -13,7 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Packages timm's scripts import beyond timm's own requirements: the ``timm-scripts`` extra of pyproject.toml.
 SCRIPT_PACKAGES = ('pandas',)

@@ -14,7 +14,7 @@ every epoch with every RNG state; data order comes from (seed, epoch) and the lr
 machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically); ``--resume --output
 DIR`` needs no other flag, as the checkpoint records the run's settings, and refuses any flag that disagrees
 with them (``_RESUMABLE`` lists those that may change). ``--time-budget SECONDS`` fits the run into that
-wall-clock time (``sd_zoo.time_budget``). Under ``torchrun`` (DDP) ``--batch-size`` is the global batch
+wall-clock time (``sd_zoo.training.time_budget``). Under ``torchrun`` (DDP) ``--batch-size`` is the global batch
 and every rank draws the same gates, so all skip the same blocks (skipped blocks hand their parameters zero
 gradients: DDP needs no ``find_unused_parameters``).
 """
@@ -41,15 +41,15 @@ from timm.models import split_model_name_tag
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import data
-from .checkpoint import save_weights, tensors_sha256
-from .cli_args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, add_number, check_ranges, flag
-from .errors import ConfigError, SDZooError
-from .evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
-from .files import atomic_write, atomic_write_text, remove_stale_temps
-from .loader import MODEL_ARG_NAMES, add_model_arguments, check_model_name, load_model
-from .metrics_plot import plot_runs, read_metrics
-from .stochastic_depth import ResidualGateMixin
+from .. import data
+from ..weights.checkpoint import save_weights, tensors_sha256
+from ..cli.args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, add_number, check_ranges, flag
+from ..errors import ConfigError, SDZooError
+from ..evaluation.evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
+from ..files import atomic_write, atomic_write_text, remove_stale_temps
+from ..weights.loader import MODEL_ARG_NAMES, add_model_arguments, check_model_name, load_model
+from ..evaluation.metrics_plot import plot_runs, read_metrics
+from ..models.stochastic_depth import ResidualGateMixin
 from . import time_budget
 
 RECIPES = {

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCHEDULES = ('linear', 'uniform')
 GATES = ('batch', 'sample')

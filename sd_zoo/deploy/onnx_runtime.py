@@ -1,7 +1,7 @@
 """Run an exported sd-zoo ONNX classifier with ONNX Runtime, on the CPU or on a CUDA GPU.
 
 :class:`OnnxClassifier` wraps one ``InferenceSession`` and follows the ``logits_fn`` contract of
-``sd_zoo.evaluate``: call it with uint8 images [N, H, W, C] (normalised here with the mean and std
+``sd_zoo.evaluation.evaluate``: call it with uint8 images [N, H, W, C] (normalised here with the mean and std
 stored in the file) or with a float NCHW batch that is already normalised; it returns logits. Anything
 else (another dtype or layout, a float image left in [0, 255]) is an InputShapeError saying what is expected.
 
@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import ConfigError, ExportError, InputShapeError
-from .files import decode_metadata
-from .inputs import NORMALIZED, UINT8_IMAGES, check_normalized_values, check_uint8_images, dtype_name, is_float
+from ..errors import ConfigError, ExportError, InputShapeError
+from ..files import decode_metadata
+from ..models.inputs import NORMALIZED, UINT8_IMAGES, check_normalized_values, check_uint8_images, dtype_name, is_float
 
 
 PROVIDERS = ('cpu', 'cuda')

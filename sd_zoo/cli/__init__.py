@@ -7,11 +7,12 @@ import argparse
 import importlib
 import sys
 
-from .errors import SDZooError
+from ..errors import SDZooError
 
 # Modules that contribute subcommands, in the order they appear in ``sd-zoo --help``.
-_COMMAND_MODULES = ('train', 'evaluate', 'onnx_export', 'onnx_validate', 'prune_curve', 'hub', 'demo',
-                    'schedule_plot', 'metrics_plot', 'timm_scripts')
+_COMMAND_MODULES = ('training.train', 'evaluation.evaluate', 'deploy.onnx_export', 'deploy.onnx_validate',
+                    'deploy.prune_curve', 'publishing.hub', 'cli.demo', 'evaluation.schedule_plot',
+                    'evaluation.metrics_plot', 'cli.timm_scripts')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    # Filled as parsing goes, so that a number out of range (sd_zoo.cli_args), found while parsing, knows its command.
+    # Filled as parsing goes, so that a number out of range (sd_zoo.cli.args), found while parsing, knows its command.
     args = argparse.Namespace()
     try:
         parser.parse_args(argv, args)

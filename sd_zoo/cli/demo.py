@@ -5,7 +5,7 @@
    Hub; with none of them, an untrained model, said loudly, so the rest still runs.
 2. Classify: image files given on the command line, else the CIFAR-10 (JPEG-75 copy) test set when the
    data folder is present (a class-balanced subset of ``--limit`` images), else random images.
-3. Export the expected-value network to ONNX (``sd_zoo.onnx_export``) and run it with ONNX Runtime.
+3. Export the expected-value network to ONNX (``sd_zoo.deploy.onnx_export``) and run it with ONNX Runtime.
 4. Print accuracy where labels exist, PyTorch/ONNX Runtime agreement, and timings.
 
     sd-zoo demo                                   # sd_resnet20.c10j75 on 1,000 CIFAR-10 test images
@@ -21,12 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import data, pretrained
-from .cli_args import COUNT, NON_NEGATIVE, add_number
-from .errors import ConfigError, DataNotFoundError, WeightsError
-from .evaluate import check_num_classes, load_eval_split, model_logits_fn
-from .loader import load_model
-from .pruning import training_data
+from .. import data
+from ..weights import pretrained
+from .args import COUNT, NON_NEGATIVE, add_number
+from ..errors import ConfigError, DataNotFoundError, WeightsError
+from ..evaluation.evaluate import check_num_classes, load_eval_split, model_logits_fn
+from ..weights.loader import load_model
+from ..deploy.pruning import training_data
 
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
@@ -110,8 +111,8 @@ def top1_err(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def run_demo(args) -> Dict[str, Any]:
     """Run the demo as ``args`` say (the subcommand's options); print as it goes, return the numbers."""
-    from .onnx_export import export_onnx
-    from .onnx_runtime import OnnxClassifier, time_interleaved
+    from ..deploy.onnx_export import export_onnx
+    from ..deploy.onnx_runtime import OnnxClassifier, time_interleaved
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

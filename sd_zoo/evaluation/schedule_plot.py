@@ -9,9 +9,9 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .cli_args import PROBABILITY, add_number
-from .loader import load_model, model_args_of
-from .stochastic_depth import expected_depth
+from ..cli.args import PROBABILITY, add_number
+from ..weights.loader import load_model, model_args_of
+from ..models.stochastic_depth import expected_depth
 
 
 def plot_schedule(source: Union[Sequence[float], object], path: Union[str, Path], title: Optional[str] = None) -> Path:

@@ -18,8 +18,8 @@ from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, make_blocks
 
-from .errors import ConfigError, WeightsError
-from .pretrained import imagenet_cfg
+from ..errors import ConfigError, WeightsError
+from ..weights.pretrained import imagenet_cfg
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 

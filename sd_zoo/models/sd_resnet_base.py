@@ -16,10 +16,10 @@ from timm.layers import create_classifier, get_act_layer, get_device_dtype, get_
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from .errors import ConfigError, InputShapeError
+from ..errors import ConfigError, InputShapeError
 from .inputs import UINT8_IMAGES, check_normalized_values, dtype_name
-from .pretrained import pretrained_state, resolve_tag, tag_model_args
-from .pruning import apply_keep_blocks
+from ..weights.pretrained import pretrained_state, resolve_tag, tag_model_args
+from ..deploy.pruning import apply_keep_blocks
 from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
 
 
@@ -41,7 +41,7 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str, values: bool = 
     if not x.is_floating_point():
         raise InputShapeError(
             f'{model_name} expects a normalised float tensor (N, {in_chans}, H, W), got {dtype_name(x)} of shape '
-            f'{tuple(x.shape)}; for {UINT8_IMAGES} use sd_zoo.evaluate.model_logits_fn(model, mean, std), '
+            f'{tuple(x.shape)}; for {UINT8_IMAGES} use sd_zoo.evaluation.evaluate.model_logits_fn(model, mean, std), '
             f'or convert them with (x.permute(0, 3, 1, 2).float() / 255 - mean) / std')
     if x.ndim != 4 or x.shape[1] != in_chans:
         hint = ''

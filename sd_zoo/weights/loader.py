@@ -24,11 +24,11 @@ import timm
 from timm.models import split_model_name_tag
 from torch import nn
 
-from . import data
+from .. import data
 from .checkpoint import load_into, load_state_dict, read_metadata
-from .cli_args import PROBABILITY, add_number
-from .errors import ConfigError, WeightsError
-from .files import PICKLE_SUFFIXES, PathLike, sha256_file
+from ..cli.args import PROBABILITY, add_number
+from ..errors import ConfigError, WeightsError
+from ..files import PICKLE_SUFFIXES, PathLike, sha256_file
 from . import pretrained as registry
 
 # The stochastic-depth create_model arguments that the command line sets (one flag each).
@@ -109,7 +109,7 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     """
     keep = overrides.pop('sd_keep_blocks', None)
     if keep is not None:  # pruning applies to the weights as trained, once they have loaded
-        from .pruning import apply_keep_blocks  # a top-level import would be circular (pruning -> evaluate -> here)
+        from ..deploy.pruning import apply_keep_blocks  # a top-level import would be circular (pruning -> evaluate -> here
         return apply_keep_blocks(load_model(source, pretrained=pretrained, model_name=model_name, **overrides), keep)
     path = Path(source)
     if path.is_dir():
@@ -215,7 +215,7 @@ def _probabilities(value: str):
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The stochastic-depth flags, named after the create_model arguments they set (default: the model's own)."""
-    from .stochastic_depth import GATES, RULES, SCHEDULES
+    from ..models.stochastic_depth import GATES, RULES, SCHEDULES
 
     g = p.add_argument_group('stochastic depth (default: the model\'s own, or its tag\'s)')
     add_number(g, '--drop-path-rate', bound=PROBABILITY, type=float, metavar='R',

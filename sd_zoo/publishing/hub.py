@@ -11,7 +11,7 @@ A folder ``hub_configs/<model>.<tag>/`` holds exactly what goes to the Hub repo 
 
 Subcommands::
 
-    sd-zoo hub build --run runs/r20            # -> hub_configs/sd_resnet20.c10j75/ (+ sd_zoo/published.json)
+    sd-zoo hub build --run runs/r20            # -> hub_configs/sd_resnet20.c10j75/ (+ sd_zoo/weights/published.json)
     sd-zoo hub check                           # every shipped folder: config, weights, card, metrics
     sd-zoo hub push hub_configs/sd_resnet20.c10j75 --repo-id sd-zoo/sd_resnet20.c10j75 [--dry-run]
     sd-zoo hub seed-cache                      # hub_configs/* -> the Hugging Face cache, for offline loading
@@ -35,17 +35,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 from timm.models import get_pretrained_cfg, save_for_hf
 
-from . import checkpoint as ckpt, data, pretrained
-from .cli_args import NON_NEGATIVE, add_number
-from .errors import ConfigError, SDZooError, WeightsError
-from .evaluate import check_num_classes, evaluate_model
-from .files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
-from .loader import load_model
-from .model_card import TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, \
-    render_card
-from .metrics_plot import read_metrics
-from .prune_curve import pruning_table
-from .schedule_plot import plot_schedule
+from ..weights import checkpoint as ckpt, pretrained
+from .. import data
+from ..cli.args import NON_NEGATIVE, add_number
+from ..errors import ConfigError, SDZooError, WeightsError
+from ..evaluation.evaluate import check_num_classes, evaluate_model
+from ..files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
+from ..weights.loader import load_model
+from .model_card import (
+    TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, render_card
+)
+from ..evaluation.metrics_plot import read_metrics
+from ..deploy.prune_curve import pruning_table
+from ..evaluation.schedule_plot import plot_schedule
 
 WEIGHTS = pretrained.WEIGHTS_FILE
 SCHEDULE_PNG = 'survival_schedule.png'
@@ -151,7 +153,8 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         std=list(cfg['std']), params=params, macs=macs, sd=model.sd_config(), expected_depth=model.expected_depth,
         constant_depth=model.expected_depth == model.num_blocks, sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
-        val_size=config.get('val_size'), eval=evaluation, recipe=recipe_rows(config, run_info.get('device'), run_info.get('precision')),
+        val_size=config.get('val_size'), eval=evaluation,
+        recipe=recipe_rows(config, run_info.get('device'), run_info.get('precision')),
         reproduce_command=command,
         run=dict(
             checkpoint=checkpoint_name, dir_name=output, best_val_epoch=summary.get('best_val_epoch'),
@@ -194,7 +197,7 @@ def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, t
     expected = timm.create_model(name).sd_config()
     if expected != model.sd_config():
         raise ConfigError(f'these weights were trained with {model.sd_config()}, but create_model("{name}") builds '
-                          f'{expected}: give them a tag that means their settings (sd_zoo/pretrained.py TAGS)')
+                          f'{expected}: give them a tag that means their settings (sd_zoo/weights/pretrained.py TAGS)')
     model.pretrained_cfg = model.default_cfg = registered.to_dict()
     return model, arch, tag
 
@@ -316,7 +319,7 @@ def _check_config(folder: Path, config: Dict[str, Any]) -> Tuple[List[str], Any]
     expected = timm.create_model(name).sd_config()
     if model.sd_config() != expected:
         problems.append(f'config.json: model_args build {model.sd_config()}, but {name} means {expected} '
-                        f'(sd_zoo.pretrained.TAGS)')
+                        f'(sd_zoo.weights.pretrained.TAGS)')
     return problems, model
 
 
@@ -336,13 +339,14 @@ def _check_weights(folder: Path, model, name: str) -> Tuple[List[str], Optional[
     entry = pretrained.load_manifest().get(name)
     if entry is None:
         if pretrained.is_shipped(folder):
-            problems.append(f'{name} is shipped but not in sd_zoo/published.json (rebuild it with sd-zoo hub build)')
+            problems.append(f'{name} is shipped but not in sd_zoo/weights/published.json '
+                            f'(rebuild it with sd-zoo hub build)')
     elif entry.get('sha256') != sha256:
-        problems.append(f'sd_zoo/published.json lists sha256 {entry.get("sha256")} for {name}, the file has '
+        problems.append(f'sd_zoo/weights/published.json lists sha256 {entry.get("sha256")} for {name}, the file has '
                         f'{sha256}: not the published weights of {name}; to publish them as its new version, '
                         f"build them into the checkout's hub_configs/ (sd-zoo hub build --force), which records them")
     elif not _same(entry.get('model_args'), model.sd_config()):
-        problems.append(f'sd_zoo/published.json records model_args {entry.get("model_args")} for {name}, the '
+        problems.append(f'sd_zoo/weights/published.json records model_args {entry.get("model_args")} for {name}, the '
                         f'folder builds {model.sd_config()}')
     return problems, sha256, loaded
 
@@ -523,8 +527,8 @@ def run_build(args) -> int:
                    limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows)
     recorded = pretrained.load_manifest().get(folder.name, {}).get('sha256')
     note = f'; recorded in {manifest.name}' if manifest else \
-        (f'; not recorded in sd_zoo/published.json, which publishes other weights as {folder.name}: hub check and '
-         f'push refuse this folder' if recorded not in (None, sha256_file(folder / WEIGHTS)) else '')
+        (f'; not recorded in sd_zoo/weights/published.json, which publishes other weights as {folder.name}: '
+         f'hub check and push refuse this folder' if recorded not in (None, sha256_file(folder / WEIGHTS)) else '')
     print(f'wrote {folder}/ ({", ".join(upload_files(folder))}){note}')
     return 0
 
@@ -574,7 +578,8 @@ def add_parser(subparsers) -> None:
     b.add_argument('--out', help='parent folder (default: the checkout\'s hub_configs/)')
     b.add_argument('--skip-eval', action='store_true', help='take the test error from the run instead of measuring')
     add_number(b, '--limit', bound=NON_NEGATIVE, metavar='N', help='evaluate a class-balanced subset of N test images')
-    b.add_argument('--no-manifest', action='store_true', help='do not record the weights in sd_zoo/published.json')
+    b.add_argument('--no-manifest', action='store_true',
+                   help='do not record the weights in sd_zoo/weights/published.json')
     b.add_argument('--force', action='store_true', help='replace an existing folder of the same model.tag')
     add_number(b, '--pruning-rows', bound=NON_NEGATIVE, default=7, metavar='N',
                help="depths in the card's pruning table (default %(default)s; 0 for none)")

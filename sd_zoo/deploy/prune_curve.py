@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data
-from .errors import ConfigError
-from .cli_args import COUNT, add_number
-from .evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
+from .. import data
+from ..errors import ConfigError
+from ..cli.args import COUNT, add_number
+from ..evaluation.evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
 from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, kept_blocks, parse_order, prune_blocks
 
 REPEATS = {1: 300, 64: 40}
@@ -60,7 +60,7 @@ def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival
     per batch size (default :data:`REPEATS`).
     """
     from tqdm.auto import tqdm
-    from .model_card import count_params_macs
+    from ..publishing.model_card import count_params_macs
     from .onnx_export import export_onnx
 
     repeats = repeats or REPEATS
@@ -138,7 +138,7 @@ def format_table(curves: Dict[str, List[Dict[str, Any]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loader import load_named
+    from ..weights.loader import load_named
     from .onnx_runtime import import_onnxruntime
 
     onnxruntime = import_onnxruntime()  # its install hint, before any model is loaded

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export and runtime, int8 quantization and depth pruning."""

@@ -1,0 +1,1 @@
+"""Evaluation: test errors, calibration and depth ensembles, and the plots of runs and schedules."""

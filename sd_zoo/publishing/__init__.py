@@ -1,0 +1,1 @@
+"""Publishing: Hugging Face Hub folders and their model cards."""
