@@ -9,9 +9,8 @@ Importing the package registers the models with timm::
 normalisation its weights were trained with.
 """
 from .errors import SDZooError
-from .models.stochastic_depth import StochasticDepth, expected_depth, survival_probs
-from .models.sd_cifar_resnet import SDCifarResNet
-from .models.sd_imagenet_resnet import SDImageNetResNet
+from .models import SDCifarResNet, SDImageNetResNet, StochasticDepth, expected_depth, survival_probs
+from .weights import pretrained  # noqa: F401  (hands the models their reader of verified pretrained weights)
 from .weights.loader import load_model
 from .deploy.pruning import prune_blocks
 from .evaluation.uncertainty import mc_predict

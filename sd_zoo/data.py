@@ -31,12 +31,9 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataNotFoundError
 from .files import atomic_write, sha256_file
 from .models.inputs import check_uint8_images
+# The input statistics of each dataset are the models' (what the weights of each tag expect).
+from .models.tags import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
-# Published statistics of the lossless training sets (the JPEG copies are within 0.003 of them).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 # Label order: the alphabetical class folders of the JPEG copies, which is the originals' order too.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')

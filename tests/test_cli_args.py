@@ -1,5 +1,5 @@
-"""The one range check of numeric settings (sd_zoo.cli.args): its bounds at their edges, every numeric flag of
-every command declared with one, and train(config) held to the same bounds as its flags."""
+"""The one range check of numeric settings (sd_zoo.ranges): its bounds at their edges, every numeric flag of
+every command declared with one (sd_zoo.cli.args), and train(config) held to the same bounds as its flags."""
 import argparse
 import math
 import re
@@ -9,8 +9,9 @@ import pytest
 import sd_zoo  # noqa: F401  (registers the models)
 from sd_zoo import cli
 from sd_zoo.training import train
-from sd_zoo.cli.args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, InRange, check_range
+from sd_zoo.cli.args import InRange
 from sd_zoo.errors import ConfigError
+from sd_zoo.ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range
 
 
 @pytest.mark.parametrize('bound, allowed, refused, allows', [

@@ -10,6 +10,7 @@ import torch
 import sd_zoo  # noqa: F401  (registers the models)
 import timm
 from sd_zoo import cli
+from sd_zoo.cli import eval as eval_command
 from sd_zoo.evaluation import evaluate
 from sd_zoo.weights import pretrained
 from sd_zoo.weights.checkpoint import save_weights
@@ -65,7 +66,7 @@ def test_eval_rebuilds_the_checkpoint_with_its_stochastic_depth_settings(tmp_pat
     model = timm.create_model('sd_resnet20', drop_path_rate=0.9, sd_schedule='uniform')
     path = _save(model, tmp_path / 'w.safetensors')
     args = argparse.Namespace(onnx=None, checkpoint=str(path), model=None, data='cifar10-jpeg75', device='cpu')
-    logits_fn, named = evaluate._build(args)
+    logits_fn, named = eval_command._build(args)
     assert (named.model, named.weights, named.sha256) == ('sd_resnet20', str(path), sha256_file(path))
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     expected = evaluate.model_logits_fn(model, CIFAR10_MEAN, CIFAR10_STD)(images)
@@ -139,4 +140,4 @@ def test_onnx_without_runtime_module_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec',
                         lambda name, *a: None if name == 'sd_zoo.deploy.onnx_runtime' else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match='sd_zoo.deploy.onnx_runtime'):
-        evaluate._load_onnx('model.onnx', 'cpu')
+        eval_command._load_onnx('model.onnx', 'cpu')

@@ -23,6 +23,7 @@ from sd_zoo.weights import checkpoint, pretrained
 from sd_zoo import cli, data
 from sd_zoo.publishing import hub
 from sd_zoo.errors import ConfigError, WeightsError
+from sd_zoo.models import tags
 from sd_zoo.evaluation.evaluate import evaluate_model
 from sd_zoo.publishing.model_card import PAPER_RESULTS, card_metrics, read_card
 from sd_zoo.deploy.pruning import prune_blocks
@@ -181,7 +182,7 @@ def test_constant_depth_weights_get_the_cd_tag_and_load_as_constant_depth(tmp_pa
 def test_the_tag_table_is_the_one_source_of_tag_meanings():
     for name in timm.list_pretrained('sd_*'):
         arch, tag = name.split('.')
-        info = pretrained.TAGS[tag]
+        info = tags.TAGS[tag]
         model = timm.create_model(name)
         assert {k: model.sd_config()[k] for k in info.model_args} == info.model_args
         cfg = model.pretrained_cfg
@@ -191,10 +192,10 @@ def test_the_tag_table_is_the_one_source_of_tag_meanings():
     constant = [n for n in timm.list_pretrained('sd_*') if timm.create_model(n).expected_depth ==
                 timm.create_model(n).num_blocks]
     assert 'sd_resnet20.c10j75_cd' in constant and all(n.endswith('_cd') for n in constant)
-    assert pretrained.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.0)) == 'c10j75_cd'
-    assert pretrained.tag_for('cifar100-jpeg75', dict(drop_path_rate=0.5)) == 'c100j75'
+    assert tags.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.0)) == 'c10j75_cd'
+    assert tags.tag_for('cifar100-jpeg75', dict(drop_path_rate=0.5)) == 'c100j75'
     with pytest.raises(ConfigError, match='no pretrained tag means weights trained on cifar10-jpeg75'):
-        pretrained.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.3))
+        tags.tag_for('cifar10-jpeg75', dict(drop_path_rate=0.3))
 
 
 def test_build_records_the_weights_in_a_manifest(built, tmp_path):

@@ -19,9 +19,9 @@ from sd_zoo.publishing.model_card import count_params_macs
 from sd_zoo.deploy.onnx_export import export_onnx
 from sd_zoo.deploy.onnx_runtime import OnnxClassifier
 from sd_zoo.deploy.pruning import (
-    ShortcutOnly, apply_keep_blocks, blocks_to_keep, importance_ranking, kept_blocks, prune_blocks,
-    survival_ranking, validation_images
+    blocks_to_keep, importance_ranking, prune_blocks, survival_ranking, validation_images
 )
+from sd_zoo.models.block_slots import ShortcutOnly, apply_keep_blocks, kept_blocks
 from sd_zoo.models.sd_cifar_resnet import SDCifarResNet
 
 import test_onnx_export as onnx_tests

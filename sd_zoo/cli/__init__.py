@@ -1,18 +1,18 @@
 """The ``sd-zoo`` command: one subcommand per workflow (train, eval, export, validate, hub, demo, plot, timm, ...).
 
-Each workflow module owns its arguments through ``add_parser(subparsers)``, which registers a
-subparser and sets ``func`` to the function that runs it; this file only wires them together.
+Each subcommand has its module here, which owns its arguments through ``add_parser(subparsers)``: it
+registers a subparser and sets ``func`` to the function that runs it; this file only wires them together.
+The library modules they call know nothing of the command line.
 """
 import argparse
-import importlib
 import sys
 
 from ..errors import SDZooError
+from . import demo, export, hub, plot, prune_curve, schedule, timm_scripts, train, validate
+from . import eval as eval_command  # not the builtin
 
-# Modules that contribute subcommands, in the order they appear in ``sd-zoo --help``.
-_COMMAND_MODULES = ('training.train', 'evaluation.evaluate', 'deploy.onnx_export', 'deploy.onnx_validate',
-                    'deploy.prune_curve', 'publishing.hub', 'cli.demo', 'evaluation.schedule_plot',
-                    'evaluation.metrics_plot', 'cli.timm_scripts')
+# The subcommands' modules, in the order they appear in ``sd-zoo --help``.
+_COMMANDS = (train, eval_command, export, validate, prune_curve, hub, demo, schedule, plot, timm_scripts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog='sd-zoo', description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.')
     parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f'sd_zoo.{name}').add_parser(subparsers)
+    for command in _COMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 

@@ -1,66 +1,17 @@
-"""Allowed ranges of numeric settings: one rule and one message for every command's flags and for ``train(config)``.
+"""Flags shared by the commands: numbers checked against their range as they are parsed, the stochastic-depth
+settings of a model and the prune order.
 
 A flag added with :func:`add_number` is checked while the command line is parsed, so a bad number ends in
 one line naming the flag, the value and what is allowed (``--batch-size must be >= 1, got 0``) before any
-work starts; Python APIs check the same :class:`Bound` with :func:`check_range`.
+work starts; Python APIs check the same :class:`sd_zoo.ranges.Bound` with :func:`sd_zoo.ranges.check_range`.
 """
 import argparse
-import math
-from dataclasses import dataclass
-from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Dict, List
 
-from ..errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The numbers allowed for a setting: from ``low`` to ``high``, each end excluded where it is ``open``."""
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def allows(self, value: Real) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        ends = [f'{">" if self.low_open else ">="} {self.low}' if self.low > -math.inf else '',
-                f'{"<" if self.high_open else "<="} {self.high}' if self.high < math.inf else '']
-        return ' and '.join(e for e in ends if e) or 'a number'
-
-
-COUNT = Bound(1)                       # sizes, steps, samples, threads, repeats
-NON_NEGATIVE = Bound(0)                # where 0 means none (or all), and seeds
-POSITIVE = Bound(0, low_open=True)     # rates and durations
-FRACTION = Bound(0, 1, high_open=True)  # momentum, label smoothing
-PROBABILITY = Bound(0, 1)              # drop-path rates, survival probabilities, lr milestones
-
-
-def flag(key: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return '--' + key.replace('_', '-')
-
-
-def check_range(name: str, value: Any, bound: Bound) -> None:
-    """ConfigError ``'<name> must be <bound>, got <value>'`` unless ``value`` (each one of a list) is a number
-    in ``bound``; None (not given) passes."""
-    if value is None:
-        return
-    for v in value if isinstance(value, (list, tuple)) else (value,):
-        number = isinstance(v, Real) and not isinstance(v, bool)
-        if number and not math.isfinite(v):  # nan passes every comparison, and no setting means infinity
-            raise ConfigError(f'{name} must be a finite number, got {v}')
-        if not (number and bound.allows(v)):
-            raise ConfigError(f'{name} must be {bound}, got {v if number else repr(v)}')
-
-
-def check_ranges(values: Mapping[str, Any], bounds: Mapping[str, Bound]) -> None:
-    """:func:`check_range` of every setting named in ``bounds``, named by its flag."""
-    for key, bound in bounds.items():
-        check_range(flag(key), values.get(key), bound)
+from ..deploy.pruning import ORDERS, Order
+from ..models.stochastic_depth import GATES, RULES, SCHEDULES
+from ..ranges import PROBABILITY, Bound, check_range
+from ..weights.loader import MODEL_ARG_NAMES
 
 
 class InRange(argparse.Action):
@@ -80,3 +31,38 @@ class InRange(argparse.Action):
 def add_number(parser, *flags: str, bound: Bound, type: Callable = int, **kwargs) -> argparse.Action:
     """``parser.add_argument(*flags, type=type, **kwargs)`` for a number whose given value must lie in ``bound``."""
     return parser.add_argument(*flags, type=type, action=InRange, bound=bound, **kwargs)
+
+
+def _probabilities(value: str) -> List[float]:
+    try:
+        return [float(p) for p in value.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated probabilities p_1,...,p_L, got {value!r}') from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The stochastic-depth flags, named after the create_model arguments they set (default: the model's own)."""
+    g = p.add_argument_group('stochastic depth (default: the model\'s own, or its tag\'s)')
+    add_number(g, '--drop-path-rate', bound=PROBABILITY, type=float, metavar='R',
+               help='1 - p_L: 0.5 in the paper, 0 = constant depth')
+    g.add_argument('--sd-schedule', choices=SCHEDULES, help='decay of survival probabilities over blocks')
+    add_number(g, '--sd-probs', bound=PROBABILITY, type=_probabilities, metavar='P1,...,PL',
+               help='explicit survival probabilities')
+    g.add_argument('--sd-gate', choices=GATES, help='one draw per block per mini-batch (paper) or per sample')
+    g.add_argument('--sd-rule', choices=RULES, help='paper: eval scales branches by p_l; inverted: training divides')
+
+
+def model_args_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """The create_model arguments given on the command line by :func:`add_model_arguments`'s flags."""
+    return {k: getattr(args, k) for k in MODEL_ARG_NAMES if getattr(args, k, None) is not None}
+
+
+def parse_order(value: str) -> Order:
+    """Prune order (``--prune-order``): ``survival``, ``importance``, or comma-separated block indices."""
+    if value in ORDERS:
+        return value
+    try:
+        return [int(i) for i in value.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected {" or ".join(ORDERS)} or comma-separated block indices, got {value!r}') from None

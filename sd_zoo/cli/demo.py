@@ -23,11 +23,12 @@ import torch
 
 from .. import data
 from ..weights import pretrained
-from .args import COUNT, NON_NEGATIVE, add_number
+from .args import add_number
 from ..errors import ConfigError, DataNotFoundError, WeightsError
 from ..evaluation.evaluate import check_num_classes, load_eval_split, model_logits_fn
 from ..weights.loader import load_model
 from ..deploy.pruning import training_data
+from ..ranges import COUNT, NON_NEGATIVE
 
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:

@@ -12,15 +12,12 @@ the file before it replaces the output: no random operator, ``onnx.checker`` ful
 against PyTorch eval on a probe batch (within ``FP32_RTOL`` of the logit scale for fp32; for fp16, no
 weight or probe activation beyond float16's range and finite outputs).
 """
-import argparse
 import io
-import json
 import os
 import warnings
 from collections import Counter
 from copy import deepcopy
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,13 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cli.args import COUNT, add_number
 from ..errors import ConfigError, ExportError
 from ..files import atomic_write, set_onnx_metadata
 from .onnx_runtime import OnnxClassifier, import_onnxruntime
-from .pruning import parse_order, prune_blocks
-from .quantize import CALIBRATION_IMAGES, export_int8
-from ..weights.loader import Provenance, add_model_arguments, model_args_of
+from .pruning import prune_blocks
+from ..weights.loader import Provenance
 from ..models.stochastic_depth import StochasticDepth
 
 # Operators that would make the exported network stochastic; the export fails if any appears.
@@ -325,7 +320,7 @@ def build_model(model_name: Optional[str] = None, pretrained: bool = False,
 
 def _resolve_model(model, pretrained, checkpoint, model_args, mean, std):
     """The module to export and the facts for its metadata, from a name, a checkpoint or a module."""
-    from ..evaluation.evaluate import normalization
+    from ..models.tags import normalization
 
     if isinstance(model, nn.Module):
         if pretrained or checkpoint is not None or model_args:
@@ -451,63 +446,3 @@ def export_onnx(
         batch='dynamic' if dynamic_batch else str(batch), size_bytes=output.stat().st_size,
         folded_blocks=folded, unfolded_blocks=unfolded, op_counts=op_histogram(proto), probe_batch=probe_n,
         metadata=metadata, **check)
-
-
-def parse_batch(value: str) -> Union[str, int]:
-    """'dynamic' or a whole number (whose range the flag's bound checks)."""
-    if value == 'dynamic':
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected "dynamic" or a positive batch size, got {value!r}') from None
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'export', help='export the expected-value network to ONNX', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', help='registered name, optionally with a tag: sd_resnet110, sd_resnet110.c10j75 '
-                                   '(optional with --checkpoint, whose metadata names it)')
-    src = p.add_mutually_exclusive_group()
-    src.add_argument('--pretrained', action='store_true', help="load the tag's published weights")
-    src.add_argument('--checkpoint', help='safetensors file written by sd-zoo (its sd settings are folded)')
-    p.add_argument('-o', '--output', required=True, help='the .onnx file to write')
-    add_number(p, '--opset', bound=COUNT, default=MIN_OPSET, help=f'ONNX opset (>= {MIN_OPSET}; default %(default)s)')
-    p.add_argument('--fp16', action='store_true', help='float16 weights and compute, float32 input and output')
-    add_number(p, '--batch', bound=COUNT, type=parse_batch, default='dynamic',
-               help='"dynamic" (default) or a fixed batch size')
-    add_model_arguments(p)
-    p.add_argument('--exporter', choices=EXPORTERS, default='auto',
-                   help='torch.onnx path: dynamo (default, TorchScript if it fails) or torchscript')
-    p.add_argument('--json', action='store_true', help='print the export report as one JSON object last')
-    g = p.add_argument_group('deployment dials')
-    add_number(g, '--keep-blocks', bound=COUNT, metavar='N', help='depth-prune to N residual blocks (>= 1 per stage)')
-    g.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
-                   help='blocks dropped first: survival (lowest p_l, default), importance (validation images of '
-                        'the training data), or block indices i,j,...')
-    g.add_argument('--int8', action='store_true', help='int8 static quantization (QDQ, per-channel weights)')
-    g.add_argument('--calibration', metavar='DATA', help='training data for --int8 calibration and the importance '
-                                                         'order (default for importance: what the weights saw)')
-    add_number(g, '--calibration-images', bound=COUNT, default=CALIBRATION_IMAGES, metavar='N',
-               help='training images that calibrate --int8 (default %(default)s)')
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    export = partial(
-        export_onnx, args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-        model_args=model_args_of(args), opset=args.opset, fp16=args.fp16, batch=args.batch, exporter=args.exporter,
-        keep_blocks=args.keep_blocks, prune_order=args.prune_order, prune_data=args.calibration)
-    if args.int8:
-        report, int8 = export_int8(export, args.output, args.calibration, args.calibration_images, fp16=args.fp16)
-    else:
-        report, int8 = export(args.output), None
-    print(report.summary())
-    result = asdict(report)
-    if int8 is not None:
-        print(int8.summary())
-        result['int8'] = int8.to_dict()
-    if args.json:
-        print(json.dumps(result))
-    return 0

@@ -8,22 +8,18 @@ one interleaved loop (``onnx_runtime.time_interleaved``), so that a load change 
 of them alike. :func:`measure_curves` returns the rows, :func:`pruning_table` the rows of one model
 (for a model card), :func:`plot_curves` draws them.
 """
-import argparse
-import json
 import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
-from .. import data
-from ..errors import ConfigError
-from ..cli.args import COUNT, add_number
-from ..evaluation.evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn, normalization
-from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, kept_blocks, parse_order, prune_blocks
+from ..evaluation.evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn
+from ..models.tags import normalization
+from ..models.block_slots import kept_blocks
+from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, prune_blocks
 
 REPEATS = {1: 300, 64: 40}
 
@@ -135,50 +131,3 @@ def format_table(curves: Dict[str, List[Dict[str, Any]]]) -> str:
             lines.append(f'{name:<28} {r["blocks"]:>6} {r["top1_err"]:>11.2f} {r["macs"] / 1e6:>7.2f} '
                          f'{r["latency_ms_bs1"]:>8.3f} {r["latency_ms_bs64"]:>8.2f}  {r["kept"]}')
     return '\n'.join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..weights.loader import load_named
-    from .onnx_runtime import import_onnxruntime
-
-    onnxruntime = import_onnxruntime()  # its install hint, before any model is loaded
-
-    torch.set_num_threads(args.threads)
-    if len(set(args.model)) != len(args.model):
-        raise ConfigError(f'--model repeats a model: {args.model}; name each once')
-    loaded = {name: load_named(name) for name in args.model}
-    models = {name: model for name, (model, _) in loaded.items()}
-    curves = measure_curves(models, args.data, args.prune_order, args.limit, args.threads,
-                            importance_images=args.importance_images, progress=not args.quiet)
-    title = data.dataset_info(args.data).title
-    print(f'{title} test split, {args.limit or "all"} images; prune order {args.prune_order}; ONNX Runtime '
-          f'{onnxruntime.__version__} CPU, {args.threads} thread(s), median of {REPEATS[1]} (batch 1) and '
-          f'{REPEATS[64]} (batch 64) interleaved calls')
-    print(format_table(curves))
-    if args.plot:
-        order = args.prune_order if isinstance(args.prune_order, str) else 'explicit'
-        print(f'plot: {plot_curves(curves, args.plot, f"Depth pruning, {order} order; {title}, test split")}')
-    if args.json:
-        print(json.dumps(dict(curves=curves, weights={name: named.fields() for name, (_, named) in loaded.items()},
-                              data=args.data, split='test', images=args.limit,
-                              prune_order=args.prune_order, threads=args.threads)))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'prune-curve', help='error, MACs and ONNX CPU latency of a model pruned to each depth', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', action='append', required=True, metavar='TAG',
-                   help='pretrained tag, Hub folder or weights file; repeat to compare models')
-    p.add_argument('--data', required=True, choices=list(data.DATASETS), help='the test split scored')
-    p.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
-                   help='survival (default), importance, or block indices i,j,... dropped first')
-    add_number(p, '--limit', bound=COUNT, metavar='N', help='score only N test images, class-balanced')
-    add_number(p, '--importance-images', bound=COUNT, default=IMPORTANCE_IMAGES, metavar='N',
-               help='validation images that rank blocks for --prune-order importance (default %(default)s)')
-    add_number(p, '--threads', bound=COUNT, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')
-    p.add_argument('--plot', metavar='FILE', help='write the curves as a PNG')
-    p.add_argument('--json', action='store_true', help='print {"curves": {TAG: [rows]}} as one JSON object last')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.set_defaults(func=run)

@@ -5,9 +5,8 @@ blocks (the paper's "implicit ensemble of networks of different depths"). At tes
 ``act(shortcut(x) + p_l f_l(x))``; pruning it leaves :class:`ShortcutOnly`, ``act(shortcut(x))``: the
 expected-value network with p_l = 0.
 
-Blocks are named by 0-based global indices over all residual blocks in forward order (``layer1.0`` is
-0); indices stay valid after pruning, because a pruned block keeps its place in its stage. Every stage
-keeps at least one block. Which blocks go first:
+Blocks are named by their global indices (``sd_zoo.models.block_slots``); every stage keeps at least one
+block. Which blocks go first:
 
 * ``'survival'``: lowest survival probability p_l first, the paper's own ranking of how dispensable a
   block is; ties (equal p_l, as at constant depth) go to the later block first;
@@ -15,12 +14,9 @@ keeps at least one block. Which blocks go first:
   training split (never the test split); least harmful first;
 * an explicit list of block indices, dropped in that order.
 
-:func:`prune_blocks` returns a pruned copy; :func:`apply_keep_blocks` prunes in place (what
-``create_model(..., sd_keep_blocks=[...])`` calls, so a pruned model rebuilds from its saved weights).
+:func:`prune_blocks` returns a pruned copy (``block_slots.apply_keep_blocks`` prunes in place).
 """
-import argparse
 from copy import deepcopy
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -30,122 +26,15 @@ from torch import nn
 
 from ..data import DATASETS, normalize, split_part
 from ..errors import ConfigError
-from ..evaluation.evaluate import check_model_fits, normalization
-from ..weights.pretrained import TAGS
-from ..models.stochastic_depth import StochasticDepth
+from ..evaluation.evaluate import check_model_fits
+from ..models.tags import TAGS, normalization
+from ..models.block_slots import ShortcutOnly, apply_keep_blocks, block_slots, check_indices
 
 ORDERS = ('survival', 'importance')
 # Validation images scored per block for the importance order: enough to rank 9-54 blocks, seconds on a CPU.
 IMPORTANCE_IMAGES = 500
 
 Order = Union[str, Sequence[int]]
-
-
-class ShortcutOnly(nn.Module):
-    """A residual block without its branch: ``act(shortcut(x))``.
-
-    It keeps the block's shortcut module under the block's own attribute name (``shortcut`` for CIFAR
-    blocks, ``downsample`` for bottlenecks; the other is None), so kept parameters keep their state-dict
-    keys and ONNX export converts a CIFAR transition shortcut to a convolution as for a full block. In a
-    post-activation ReLU net its input is already non-negative, so a non-transition block is the identity.
-    """
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.shortcut = getattr(block, 'shortcut', None)
-        self.downsample = getattr(block, 'downsample', None)
-        self.act = block.output_activation()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shortcut is not None:
-            x = self.shortcut(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return self.act(x)
-
-
-@dataclass
-class BlockSlot:
-    """One residual block position: global index, stage, index in the stage, and what sits there now."""
-    index: int
-    stage: int
-    position: int
-    module: nn.Module
-
-    @property
-    def kept(self) -> bool:
-        return not isinstance(self.module, ShortcutOnly)
-
-
-def block_slots(model: nn.Module) -> List[BlockSlot]:
-    """Every residual block position of ``model`` in forward order, pruned ones included."""
-    stages = getattr(model, '_stages', None)
-    if stages is None:
-        raise ConfigError(f'{type(model).__name__} is not an sd-zoo ResNet; depth pruning needs one')
-    slots = []
-    for s, stage in enumerate(stages()):
-        for i, module in enumerate(stage):
-            if not isinstance(module, ShortcutOnly) and not isinstance(getattr(module, 'stochastic_depth', None),
-                                                                       StochasticDepth):
-                raise ConfigError(f'layer{s + 1}.{i} ({type(module).__name__}) is not a gated residual block')
-            slots.append(BlockSlot(len(slots), s, i, module))
-    return slots
-
-
-def kept_blocks(model: nn.Module) -> List[int]:
-    """Global indices of the blocks that still compute their branch."""
-    return [b.index for b in block_slots(model) if b.kept]
-
-
-def _check_indices(indices: Sequence[int], slots: List[BlockSlot], what: str) -> List[int]:
-    checked = []
-    for i in indices:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise ConfigError(f'{what}: block indices are integers, got {i!r}')
-        if not 0 <= i < len(slots):
-            raise ConfigError(f'{what}: block index {int(i)} is out of range; this net has {len(slots)} residual '
-                              f'blocks, numbered 0 to {len(slots) - 1} in forward order')
-        if not slots[i].kept:
-            raise ConfigError(f'{what}: block {int(i)} was already pruned from this model; '
-                              f'its kept blocks are {[b.index for b in slots if b.kept]}')
-        checked.append(int(i))
-    if len(set(checked)) != len(checked):
-        raise ConfigError(f'{what}: block indices repeat in {checked}; give each block once')
-    return checked
-
-
-def apply_keep_blocks(model: nn.Module, keep: Sequence[int]) -> nn.Module:
-    """Prune ``model`` in place to the blocks ``keep`` (global indices); every stage must keep one.
-
-    Sets ``model.sd_keep_blocks`` (sorted), which ``model.sd_config()`` reports, so the list travels with
-    saved weights and in ONNX metadata. Returns the model.
-    """
-    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
-        raise ConfigError(f'sd_keep_blocks must be a list of block indices, got {keep!r}')
-    slots = block_slots(model)
-    keep = sorted(_check_indices(keep, slots, 'sd_keep_blocks'))
-    stages = model._stages()
-    for s in range(len(stages)):
-        if not any(slots[i].stage == s for i in keep):
-            blocks = [b.index for b in slots if b.stage == s]
-            raise ConfigError(f'sd_keep_blocks {keep} leaves stage {s + 1} (blocks {blocks[0]} to {blocks[-1]}) '
-                              f'empty; keep at least one block of every stage')
-    for slot in slots:
-        if slot.kept and slot.index not in keep:
-            stages[slot.stage][slot.position] = ShortcutOnly(slot.module)
-    model.sd_keep_blocks = keep
-    return model
-
-
-def parse_order(value: str) -> Order:
-    """Command-line prune order: ``survival``, ``importance``, or comma-separated block indices."""
-    if value in ORDERS:
-        return value
-    try:
-        return [int(i) for i in value.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f'expected {" or ".join(ORDERS)} or comma-separated block indices, got {value!r}') from None
 
 
 def survival_ranking(model: nn.Module) -> List[int]:
@@ -162,7 +51,7 @@ def drop_ranking(model: nn.Module, order: Order = 'survival', data: Optional[str
         if order == 'importance':
             return importance_ranking(model, data, **importance_kw)[0]
         raise ConfigError(f'unknown prune order {order!r}; choose one of {ORDERS} or give a list of block indices')
-    return _check_indices(list(order), block_slots(model), 'prune order')
+    return check_indices(list(order), block_slots(model), 'prune order')
 
 
 def blocks_to_keep(model: nn.Module, keep: int, ranking: Sequence[int]) -> List[int]:

@@ -3,16 +3,13 @@
 Test error (solid, left axis) and training loss (dashed, right axis) against epoch, one colour per run,
 so a constant-depth run and a stochastic-depth run share one plot::
 
-    sd-zoo plot runs/sd runs/const -o fig3.png     # or: python -m sd_zoo.evaluation.metrics_plot ...
+    sd-zoo plot runs/sd runs/const -o fig3.png
 """
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .. import data
-from ..errors import ConfigError
 from ..models.stochastic_depth import describe_depth
 
 COLORS = ('tab:red', 'tab:blue', 'tab:green', 'tab:orange', 'tab:purple', 'tab:brown')
@@ -74,35 +71,3 @@ def plot_runs(run_dirs: Sequence, output, labels: Optional[Sequence[str]] = None
     ax_err.set_title(title)
     fig.savefig(output, dpi=150, bbox_inches='tight')
     return Path(output)
-
-
-def run(args: argparse.Namespace) -> int:
-    for run_dir in args.runs:
-        if not read_metrics(run_dir):
-            raise ConfigError(f'{run_dir} holds no finished epoch (no metrics.jsonl rows); give the --output '
-                              f'folder of an sd-zoo train run')
-    if args.labels and len(args.labels) != len(args.runs):
-        raise ConfigError(f'--labels gives {len(args.labels)} labels for {len(args.runs)} runs; give one per run')
-    try:
-        path = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
-    except OSError as e:
-        raise ConfigError(f'cannot write {args.output}: {e.strerror or e}; choose another -o/--output') from None
-    print(f'wrote {path}')
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser('plot', help='test error and training loss vs epoch of training runs (paper Fig. 3)',
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', metavar='RUN_DIR', help='output directories of sd-zoo train')
-    p.add_argument('-o', '--output', default='curves.png')
-    p.add_argument('--labels', nargs='+', help='one legend label per run (default: from run.json)')
-    p.add_argument('--title', help='plot title (default: the dataset)')
-    p.set_defaults(func=run)
-
-
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser(prog='python -m sd_zoo.evaluation.metrics_plot')
-    add_parser(parser.add_subparsers(dest='command', required=True))
-    parsed = parser.parse_args(['plot'] + sys.argv[1:])
-    sys.exit(parsed.func(parsed))

@@ -5,12 +5,9 @@
 
 The Hub model cards embed this plot (``sd-zoo hub build``).
 """
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..cli.args import PROBABILITY, add_number
-from ..weights.loader import load_model, model_args_of
 from ..models.stochastic_depth import expected_depth
 
 
@@ -43,21 +40,3 @@ def plot_schedule(source: Union[Sequence[float], object], path: Union[str, Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
-
-
-def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, pretrained=False, **model_args_of(args))
-    path = plot_schedule(model, args.output, title=args.model)
-    print(f'{path}: {model.num_blocks} blocks, expected depth {model.expected_depth:.2f}')
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'schedule', help='plot the survival probability of every block of a model', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', required=True, help='timm name, e.g. sd_resnet110 or sd_resnet110.c10j75_cd')
-    p.add_argument('-o', '--output', required=True, metavar='PNG')
-    add_number(p, '--drop-path-rate', bound=PROBABILITY, type=float, help='1 - p_L (default: the model\'s, 0.5)')
-    p.add_argument('--sd-schedule', choices=('linear', 'uniform'), help='default: the model\'s (linear)')
-    p.set_defaults(func=run)

@@ -13,7 +13,6 @@ under the risk-coverage curve. :func:`calibration_report` compares the expected-
 with a temperature fitted on validation images held out of the training split, and the N-sample depth
 ensemble; ``sd-zoo eval --mc-samples N`` prints it.
 """
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from .. import data
 from ..errors import ConfigError
-from .evaluate import check_model_fits, eval_model, load_eval_split, model_logits_fn, normalization
+from .evaluate import check_model_fits, load_eval_split, model_logits_fn
 from ..models.stochastic_depth import StochasticDepth, check_gate_generator
 
 ECE_BINS = 15
@@ -307,25 +306,3 @@ def plot_reliability(report: Dict[str, object], path: Union[str, Path], title: s
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def run_mc_eval(args) -> int:
-    """``sd-zoo eval --mc-samples N``: the calibration report of a PyTorch model on the test split."""
-    if args.onnx:
-        raise ConfigError('--mc-samples samples depths of the PyTorch model, and an ONNX file holds only the '
-                          'deterministic expected-value net; pass --model or --checkpoint instead of --onnx')
-    if args.split != 'test':
-        raise ConfigError('--mc-samples measures on the test split (the temperature is fitted on the validation '
-                          'part of the training split); drop --split train')
-    model, named = eval_model(args)
-    generator = torch.Generator().manual_seed(args.seed)
-    report = calibration_report(model, args.data, args.mc_samples, *normalization(model), limit=args.limit or None,
-                                batch_size=args.batch_size, generator=generator)
-    title = f'{named} on {data.dataset_info(args.data).title} test ({report["n"]} images)'
-    print(format_report(report, title))
-    if args.plot:
-        print(f'reliability diagrams: {plot_reliability(report, args.plot, title)}')
-    if args.json:
-        print(json.dumps(dict({k: v for k, v in report.items() if k != 'reliability'}, **named.fields(),
-                              data=args.data)))
-    return 0

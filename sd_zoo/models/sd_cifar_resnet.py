@@ -25,7 +25,7 @@ from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from ..errors import ConfigError
-from ..weights.pretrained import cifar_cfg, trainable_tags
+from .tags import cifar_cfg, trainable_tags
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 
@@ -194,7 +194,7 @@ def _create(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwa
 
 
 # Every architecture takes every tag of the data the trainer supports (what a tag means:
-# sd_zoo.weights.pretrained.TAGS), so that a user's own run of any of them publishes under its tag.
+# sd_zoo.models.tags.TAGS), so that a user's own run of any of them publishes under its tag.
 # The first tag is the default.
 CIFAR_ARCHS = ('sd_resnet20', 'sd_resnet32', 'sd_resnet44', 'sd_resnet56', 'sd_resnet110', 'sd_resnet1202',
                'sd_svhn_resnet152')

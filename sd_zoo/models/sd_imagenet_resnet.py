@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, make_blocks
 
 from ..errors import ConfigError, WeightsError
-from ..weights.pretrained import imagenet_cfg
+from .tags import imagenet_cfg
 from .sd_resnet_base import SDResNetBase, create_sd_model
 from .stochastic_depth import ResidualGateMixin, StochasticDepth
 

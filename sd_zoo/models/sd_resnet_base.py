@@ -6,7 +6,7 @@ forward_features / forward_head / forward_intermediates, features_only through t
 classifier reset, gradient checkpointing and parameter grouping, and draws the gates of every block at
 the start of each training forward (one RNG call per mini-batch).
 """
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,10 @@ from timm.layers import create_classifier, get_act_layer, get_device_dtype, get_
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..errors import ConfigError, InputShapeError
+from ..errors import ConfigError, InputShapeError, WeightsError
 from .inputs import UINT8_IMAGES, check_normalized_values, dtype_name
-from ..weights.pretrained import pretrained_state, resolve_tag, tag_model_args
-from ..deploy.pruning import apply_keep_blocks
+from .block_slots import apply_keep_blocks
+from .tags import resolve_tag, tag_model_args
 from .stochastic_depth import GATES, RULES, StochasticDepthMixin, survival_probs
 
 
@@ -260,6 +260,18 @@ class SDResNetBase(StochasticDepthMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# ``create_model(..., pretrained=True)`` takes verified tensors from sd_zoo.weights, which hands its reader over
+# when it is imported (importing sd_zoo does): the networks import nothing of the weights files and the Hub.
+_pretrained_reader: Optional[Callable[..., Optional[Dict[str, torch.Tensor]]]] = None
+
+
+def set_pretrained_reader(reader: Callable[..., Optional[Dict[str, torch.Tensor]]]) -> None:
+    """Set ``reader(variant, pretrained_cfg, pretrained_cfg_overlay, cache_dir)``, which returns the verified
+    tensors ``create_model(..., pretrained=True)`` loads (None where the caller hands over weights itself)."""
+    global _pretrained_reader
+    _pretrained_reader = reader
+
+
 def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_levels: int = 4, **kwargs):
     """Build a registered sd-zoo model through timm, with the settings of its tag and verified weights."""
     tag = resolve_tag(variant, kwargs.get('pretrained_cfg'))
@@ -268,7 +280,9 @@ def create_sd_model(model_cls, variant: str, pretrained: bool = False, feature_l
     state, keep = None, None
     if pretrained:
         keep = kwargs.pop('sd_keep_blocks', None)  # prune after the full weights have loaded
-        state = pretrained_state(
+        if _pretrained_reader is None:
+            raise WeightsError('no reader of pretrained weights is set: import sd_zoo (not only sd_zoo.models)')
+        state = _pretrained_reader(
             variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
     if state is not None:
         # timm's loader (head reset for another class count, first-conv adaptation for in_chans) then

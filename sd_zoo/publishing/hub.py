@@ -20,7 +20,6 @@ Metrics in a card come from evaluating the shipped weights when the folder is bu
 ``--skip-eval``, from the run's summary); ``--limit N`` evaluates a class-balanced subset of N test images,
 the same subset as ``sd-zoo train --test-subset N``.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -37,10 +36,10 @@ from timm.models import get_pretrained_cfg, save_for_hf
 
 from ..weights import checkpoint as ckpt, pretrained
 from .. import data
-from ..cli.args import NON_NEGATIVE, add_number
 from ..errors import ConfigError, SDZooError, WeightsError
 from ..evaluation.evaluate import check_num_classes, evaluate_model
 from ..files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
+from ..models import tags
 from ..weights.loader import load_model
 from .model_card import (
     TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, render_card
@@ -185,19 +184,19 @@ def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, t
     """The weights as the registered ``model.tag`` they are published as, after checking the two agree."""
     model = load_model(checkpoint, model_name=model_name)
     arch = model.pretrained_cfg['architecture']
-    tag = tag or pretrained.tag_for(data_name, model.sd_config())
+    tag = tag or tags.tag_for(data_name, model.sd_config())
     name = f'{arch}.{tag}'
     registered = get_pretrained_cfg(name)
     if registered is None:
         raise ConfigError(f'{name} is not a registered pretrained tag; register it in the model file first '
                           f'(known: {", ".join(timm.list_pretrained(arch + ".*")) or "none"})')
-    tag_data = pretrained.tag_info(tag).data
+    tag_data = tags.tag_info(tag).data
     if tag_data != data_name:
         raise ConfigError(f'{name} means weights trained on {tag_data}; these were trained on {data_name}')
     expected = timm.create_model(name).sd_config()
     if expected != model.sd_config():
         raise ConfigError(f'these weights were trained with {model.sd_config()}, but create_model("{name}") builds '
-                          f'{expected}: give them a tag that means their settings (sd_zoo/weights/pretrained.py TAGS)')
+                          f'{expected}: give them a tag that means their settings (TAGS in sd_zoo/models/tags.py)')
     model.pretrained_cfg = model.default_cfg = registered.to_dict()
     return model, arch, tag
 
@@ -208,7 +207,7 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
           pruning_rows: int = 7) -> Path:
     """Write ``out/<model>.<tag>/`` from a folder written by ``sd-zoo train``; returns the folder.
 
-    The arguments are those of ``sd-zoo hub build``; ``tag`` defaults to the tag of ``pretrained.TAGS`` that
+    The arguments are those of ``sd-zoo hub build``; ``tag`` defaults to the tag of ``sd_zoo.models.tags.TAGS`` that
     means the weights' data and settings, ``manifest`` (a JSON file to record the weights in) to none.
     """
     run_dir = Path(run_dir)
@@ -319,7 +318,7 @@ def _check_config(folder: Path, config: Dict[str, Any]) -> Tuple[List[str], Any]
     expected = timm.create_model(name).sd_config()
     if model.sd_config() != expected:
         problems.append(f'config.json: model_args build {model.sd_config()}, but {name} means {expected} '
-                        f'(sd_zoo.weights.pretrained.TAGS)')
+                        f'(sd_zoo.models.tags.TAGS)')
     return problems, model
 
 
@@ -507,101 +506,3 @@ def seed_cache(folders: Sequence[PathLike], cache_dir: Optional[PathLike] = None
         (storage / 'refs' / 'main').write_text(revision)
         snapshots.append(snapshot)
     return snapshots
-
-
-# --- command line --------------------------------------------------------------------------------------
-
-def _folders(args_folders: Sequence[str]) -> List[Path]:
-    folders = [Path(f) for f in args_folders] or shipped_folders()
-    if not folders:
-        raise ConfigError(f'no hub folders given and none in {pretrained.SHIPPED_DIR} yet; build one with '
-                          f'`sd-zoo hub build --run RUN_DIR`')
-    return folders
-
-
-def run_build(args) -> int:
-    out = Path(args.out) if args.out else default_out()
-    manifest = None if args.no_manifest or out.resolve() != pretrained.SHIPPED_DIR.resolve() \
-        else pretrained.MANIFEST_PATH
-    folder = build(args.run, args.checkpoint, args.model, args.tag, out, evaluate=not args.skip_eval,
-                   limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows)
-    recorded = pretrained.load_manifest().get(folder.name, {}).get('sha256')
-    note = f'; recorded in {manifest.name}' if manifest else \
-        (f'; not recorded in sd_zoo/weights/published.json, which publishes other weights as {folder.name}: '
-         f'hub check and push refuse this folder' if recorded not in (None, sha256_file(folder / WEIGHTS)) else '')
-    print(f'wrote {folder}/ ({", ".join(upload_files(folder))}){note}')
-    return 0
-
-
-def run_check(args) -> int:
-    failed = 0
-    for folder in _folders(args.folders):
-        problems = check(folder, evaluate=not args.skip_eval, limit=args.limit)
-        print(f'{folder}: ' + ('ok' if not problems else 'FAILED\n  ' + '\n  '.join(problems)))
-        failed += bool(problems)
-    if failed:
-        raise WeightsError(f'{failed} hub folder(s) failed the check')
-    return 0
-
-
-def run_push(args) -> int:
-    result = push(args.folder, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run,
-                  commit_message=args.message)
-    if args.dry_run:
-        print(f'would upload to {args.repo_id}{" (private)" if args.private else ""}:')
-        for f, size, digest in result:
-            print(f'  {f:24s} {size:>12,d} bytes  sha256 {digest}')
-    else:
-        print(f'pushed {args.folder} to {args.repo_id}: {result.commit_url}')
-    return 0
-
-
-def run_seed_cache(args) -> int:
-    for snapshot in seed_cache(_folders(args.folders), args.cache_dir):
-        print(f'cached {snapshot.parent.parent.name} -> {snapshot}')
-    print('load offline with HF_HUB_OFFLINE=1, e.g. '
-          "HF_HUB_OFFLINE=1 python -c \"import sd_zoo, timm; timm.create_model('MODEL.TAG', pretrained=True)\"")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'hub', help='build, check, push and cache Hugging Face Hub repo folders', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='hub_command', metavar='HUB_COMMAND', required=True)
-
-    b = sub.add_parser('build', help='write hub_configs/<model>.<tag>/ from a training run')
-    b.add_argument('--run', required=True, metavar='RUN_DIR', help='folder written by sd-zoo train')
-    b.add_argument('--checkpoint', help='weights to ship (default: RUN_DIR/best.safetensors, else final)')
-    b.add_argument('--model', help='architecture, for weights without sd-zoo metadata')
-    b.add_argument('--tag', help='pretrained tag (default: from the data and drop_path_rate, e.g. c10j75, c10j75_cd)')
-    b.add_argument('--out', help='parent folder (default: the checkout\'s hub_configs/)')
-    b.add_argument('--skip-eval', action='store_true', help='take the test error from the run instead of measuring')
-    add_number(b, '--limit', bound=NON_NEGATIVE, metavar='N', help='evaluate a class-balanced subset of N test images')
-    b.add_argument('--no-manifest', action='store_true',
-                   help='do not record the weights in sd_zoo/weights/published.json')
-    b.add_argument('--force', action='store_true', help='replace an existing folder of the same model.tag')
-    add_number(b, '--pruning-rows', bound=NON_NEGATIVE, default=7, metavar='N',
-               help="depths in the card's pruning table (default %(default)s; 0 for none)")
-    b.set_defaults(func=run_build)
-
-    c = sub.add_parser('check', help='verify hub folders: config, strict weight load, card metrics and sha256')
-    c.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
-    c.add_argument('--skip-eval', action='store_true', help='do not re-measure the card\'s metrics (large models)')
-    add_number(c, '--limit', bound=NON_NEGATIVE, metavar='N',
-               help='evaluate a class-balanced subset of N test images (compared within sampling error)')
-    c.set_defaults(func=run_check)
-
-    u = sub.add_parser('push', help='upload a hub folder with huggingface_hub')
-    u.add_argument('folder', metavar='FOLDER')
-    u.add_argument('--repo-id', required=True, metavar='ORG/NAME', help=f'e.g. {pretrained.HUB_ORG}/sd_resnet20.c10j75')
-    u.add_argument('--dry-run', action='store_true', help='list what would be uploaded, without network')
-    u.add_argument('--private', action='store_true', help='create the repo private')
-    u.add_argument('--token', help='Hub token (default: HF_TOKEN or the token saved by `hf auth login`)')
-    u.add_argument('--message', help='commit message')
-    u.set_defaults(func=run_push)
-
-    s = sub.add_parser('seed-cache', help='copy hub folders into the Hugging Face cache for offline loading')
-    s.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
-    s.add_argument('--cache-dir', help='Hugging Face hub cache (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)')
-    s.set_defaults(func=run_seed_cache)

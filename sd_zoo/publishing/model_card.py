@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..weights.pretrained import HUB_ORG, LICENSE, PAPER_ID
+from ..models.tags import HUB_ORG, LICENSE, PAPER_ID
 
 TEMPLATE = Path(__file__).with_name('templates') / 'model_card.md'
 TAGS = ('image-classification', 'timm', 'stochastic-depth')

@@ -13,12 +13,11 @@ every epoch with every RNG state; data order comes from (seed, epoch) and the lr
 ``--resume`` after a crash, even SIGKILL mid-epoch, ends with the same weights bit for bit on the same
 machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically); ``--resume --output
 DIR`` needs no other flag, as the checkpoint records the run's settings, and refuses any flag that disagrees
-with them (``_RESUMABLE`` lists those that may change). ``--time-budget SECONDS`` fits the run into that
+with them (``RESUMABLE`` lists those that may change). ``--time-budget SECONDS`` fits the run into that
 wall-clock time (``sd_zoo.training.time_budget``). Under ``torchrun`` (DDP) ``--batch-size`` is the global batch
 and every rank draws the same gates, so all skip the same blocks (skipped blocks hand their parameters zero
 gradients: DDP needs no ``find_unused_parameters``).
 """
-import argparse
 import contextlib
 import copy
 import io
@@ -26,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from functools import partial
@@ -43,14 +41,14 @@ from tqdm import tqdm
 
 from .. import data
 from ..weights.checkpoint import save_weights, tensors_sha256
-from ..cli.args import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, add_number, check_ranges, flag
 from ..errors import ConfigError, SDZooError
 from ..evaluation.evaluate import evaluate, load_eval_split, model_logits_fn, resolve_device
 from ..files import atomic_write, atomic_write_text, remove_stale_temps
-from ..weights.loader import MODEL_ARG_NAMES, add_model_arguments, check_model_name, load_model
+from ..weights.loader import MODEL_ARG_NAMES, check_model_name, load_model
 from ..evaluation.metrics_plot import plot_runs, read_metrics
 from ..models.stochastic_depth import ResidualGateMixin
 from . import time_budget
+from ..ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_ranges, flag
 
 RECIPES = {
     'paper': dict(
@@ -80,7 +78,7 @@ BOUNDS = dict(
 )
 
 # Settings a resumed run may change. Bit-exact resumes still need the same thread count and compile flag.
-_RESUMABLE = {'resume', 'quiet', 'num_threads', 'device', 'debug_dump', 'eval_batch_size', 'output',
+RESUMABLE = {'resume', 'quiet', 'num_threads', 'device', 'debug_dump', 'eval_batch_size', 'output',
               'eval_every', 'max_steps', 'compile'}
 
 
@@ -290,8 +288,8 @@ def _as_flag_value(value) -> str:
 
 def _refuse_changed_settings(cfg: Dict, record: Dict, config: Dict, out: Path) -> None:
     """A ConfigError naming every setting of ``cfg`` that differs from the run's ``record``, outside
-    ``_RESUMABLE``; each is shown as given (``config``), before ``--amp auto`` was resolved."""
-    keys = (set(cfg) | set(record)) - _RESUMABLE
+    ``RESUMABLE``; each is shown as given (``config``), before ``--amp auto`` was resolved."""
+    keys = (set(cfg) | set(record)) - RESUMABLE
     # A setting newer than the checkpoint counts as its default there.
     changed = [f"{flag(k)} {_as_flag_value(cfg.get(k) if config.get(k) is None else config[k])} "
                f"differs from the run's {_as_flag_value(record.get(k, DEFAULTS.get(k)))}"
@@ -402,17 +400,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     check_model_name(cfg['model'])
     if cfg['init_weights'] and not Path(cfg['init_weights']).is_file():
         raise ConfigError(f"--init-weights {cfg['init_weights']}: no such file")
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
-    device = resolve_device(cfg['device'])
-    if device.type == 'cuda' and world_size > 1:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off at once
-    if cfg['num_threads']:
-        torch.set_num_threads(cfg['num_threads'])
+    device, rank, world_size = _start_processes(cfg)
     if cfg['batch_size'] % world_size:
         raise ConfigError(f"--batch-size {cfg['batch_size']} is the global batch; it must divide by {world_size} ranks")
     main = rank == 0
@@ -425,25 +413,9 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         _refuse_changed_settings(cfg, ckpt['config'], config, out)
     use_amp, channels_last = cfg['amp'] == 'bf16', cfg['channels_last']
 
-    # Data: the paper's 45k/5k split of the training set, optionally a class-balanced subset.
     info = data.dataset_info(cfg['data'])
-    if 'test' not in info.splits:
-        raise ConfigError(f"{cfg['data']} has no test split; train on one of "
-                          f"{', '.join(trainable_datasets())}")
-    x_train, y_train = data.load_split(cfg['data'], 'train')
-    x_test, y_test = load_eval_split(cfg['data'], 'test', cfg['test_subset'])
-    train_idx, val_idx = data.train_val_split(len(y_train), cfg['val_size'])
-    if cfg['train_subset']:
-        train_idx = data.balanced_subset(y_train, train_idx, cfg['train_subset'])
-    loader = data.Loader(x_train[train_idx], y_train[train_idx], cfg['batch_size'], info.mean, info.std,
-                         train=True, seed=cfg['seed'], device=device, rank=rank, world_size=world_size,
-                         channels_last=channels_last)
+    loader, eval_sets = _load_data(cfg, info, device, rank, world_size)
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg['batch_size']}")
-    eval_sets = {'val': (x_train[val_idx], y_train[val_idx]), 'test': (x_test, y_test)}
-    eval_sets = {k: (torch.as_tensor(x).to(device), torch.as_tensor(y).to(device))
-                 for k, (x, y) in eval_sets.items() if len(y)}
 
     # Model: identical initial weights and gate generator on every rank.
     torch.manual_seed(cfg['seed'])
@@ -505,7 +477,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if world_size > 1 else model
 
     show_progress = main and not cfg['quiet'] and sys.stderr.isatty()
-    say(f"sd-zoo train: {cfg['model']} on {info.title}, recipe {cfg['recipe']}, {len(train_idx)} training "
+    say(f"sd-zoo train: {cfg['model']} on {info.title}, recipe {cfg['recipe']}, {len(loader.labels)} training "
         f"images, {steps_per_epoch} steps/epoch, {world_size} process(es) on {device}"
         + (f', resuming after epoch {start_epoch}' if start_epoch else ''))
     gates_log, stop = [], False
@@ -576,9 +548,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
                 state = dict(
                     model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
                     best=best, elapsed=elapsed, config=cfg, commands=commands, time_budget=budget,
-                    **(dict(best_model=best_state) if best_state is not None else {}),
-                    rng=dict(torch=torch.get_rng_state(), gate=gate_generator.get_state(),
-                             **(dict(cuda=torch.cuda.get_rng_state_all()) if device.type == 'cuda' else {})))
+                    **(dict(best_model=best_state) if best_state is not None else {}), rng=_rng_states(gate_generator, device))
                 atomic_write(ckpt_path, partial(torch.save, state))
             say(f"epoch {epoch + 1}/{cfg['epochs']}  loss {row['train_loss']:.4f}  train {_pct(row['train_err'])}  "
                 f"val {_pct(row['val_err'])}  test {_pct(row['test_err'])}  lr {lr:.4g}  "
@@ -587,115 +557,102 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if stop:
             break
 
+    best = _test_best_weights(model, best, best_state, eval_sets, logits_fn_of, cfg, rank, world_size)
+    summary = _summary(cfg, info, history, best, step, elapsed, model, budget, started)
+    if main:
+        _write_outputs(out, model, summary, weights_meta, say)
+    if cfg['debug_dump']:
+        _write_debug_dump(Path(cfg['debug_dump']), rank, world_size, gates_log, model)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _start_processes(cfg: Dict) -> tuple:
+    """``(device, rank, world_size)``: this process's device, and its place among torchrun's processes."""
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+    device = resolve_device(cfg['device'])
+    if device.type == 'cuda' and world_size > 1:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off at once
+    if cfg['num_threads']:
+        torch.set_num_threads(cfg['num_threads'])
+    return device, rank, world_size
+
+
+def _load_data(cfg: Dict, info, device: torch.device, rank: int, world_size: int) -> tuple:
+    """The training loader and the evaluation sets on the device: the paper's 45k/5k split of the training
+    set (optionally a class-balanced subset of it) and the test split."""
+    if 'test' not in info.splits:
+        raise ConfigError(f"{cfg['data']} has no test split; train on one of {', '.join(trainable_datasets())}")
+    x_train, y_train = data.load_split(cfg['data'], 'train')
+    x_test, y_test = load_eval_split(cfg['data'], 'test', cfg['test_subset'])
+    train_idx, val_idx = data.train_val_split(len(y_train), cfg['val_size'])
+    if cfg['train_subset']:
+        train_idx = data.balanced_subset(y_train, train_idx, cfg['train_subset'])
+    loader = data.Loader(x_train[train_idx], y_train[train_idx], cfg['batch_size'], info.mean, info.std,
+                         train=True, seed=cfg['seed'], device=device, rank=rank, world_size=world_size,
+                         channels_last=cfg['channels_last'])
+    if len(loader) == 0:
+        raise ConfigError(f"{len(train_idx)} training images make no full batch of {cfg['batch_size']}")
+    eval_sets = {'val': (x_train[val_idx], y_train[val_idx]), 'test': (x_test, y_test)}
+    return loader, {k: (torch.as_tensor(x).to(device), torch.as_tensor(y).to(device))
+                    for k, (x, y) in eval_sets.items() if len(y)}
+
+
+def _rng_states(gate_generator: torch.Generator, device: torch.device) -> Dict:
+    """Every random state the run draws from, for a bit-exact resume."""
+    return dict(torch=torch.get_rng_state(), gate=gate_generator.get_state(),
+                **(dict(cuda=torch.cuda.get_rng_state_all()) if device.type == 'cuda' else {}))
+
+
+def _test_best_weights(model, best: Optional[Dict], best_state: Optional[Dict], eval_sets: Dict, logits_fn_of,
+                       cfg: Dict, rank: int, world_size: int) -> Optional[Dict]:
+    """``best`` with the test error of the best-validation weights, measured now where the run tested only
+    at its end (``--test-at-end``)."""
     if best and best['test_err'] is None and 'test' in eval_sets and best_state is not None:
         best_model = copy.deepcopy(model)
         best_model.load_state_dict(best_state)
-        best['test_err'] = evaluate(logits_fn_of(best_model), *eval_sets['test'], cfg['eval_batch_size'], rank,
-                                    world_size)['top1_err']
+        best = dict(best, test_err=evaluate(logits_fn_of(best_model), *eval_sets['test'], cfg['eval_batch_size'],
+                                            rank, world_size)['top1_err'])
+    return best
+
+
+def _summary(cfg: Dict, info, history, best: Optional[Dict], step: int, elapsed: float, model, budget,
+             started: float) -> Dict:
     final = history[-1] if history else {}
-    summary = dict(
+    return dict(
         model=cfg['model'], data=cfg['data'], data_title=info.title, recipe=cfg['recipe'],
         best_val_epoch=best and best['epoch'], best_val_err=best and best['val_err'],
         test_err_at_best_val=best and best['test_err'], final_epoch=final.get('epoch'),
         final_val_err=final.get('val_err'), final_test_err=final.get('test_err'), steps=step,
         total_time_s=elapsed, expected_depth=model.expected_depth, model_args=model.sd_config(), config=cfg,
         time_budget=budget and dict(budget, epochs_run=final.get('epoch'), wall_s=time.perf_counter() - started))
-    if main:
-        save_weights(model, out / 'final.safetensors', cfg['model'], **weights_meta)
-        _write_json(out / 'summary.json', summary)
-        try:
-            plot_runs([out], out / 'curves.png')
-        except ImportError as e:  # matplotlib is needed for the plot only, not for training
-            say(f'NOTE: curves.png not drawn ({e})')
-        if summary['test_err_at_best_val'] is not None:
-            say(f"test error at best validation epoch {best['epoch']}: {best['test_err']:.2f}% "
-                f"(final {summary['final_test_err']:.2f}%) on {info.title}")
-    if cfg['debug_dump']:
-        dump_dir = Path(cfg['debug_dump'])
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(dump_dir / f'rank{rank}.json', dict(
-            rank=rank, world_size=world_size, gates=gates_log,
-            params={k: tensors_sha256({k: v}) for k, v in model.state_dict().items()}))
-    if world_size > 1:
-        dist.destroy_process_group()
-    return summary
+
+
+def _write_outputs(out: Path, model, summary: Dict, weights_meta: Dict, say) -> None:
+    """The final weights, the summary and the curves of a finished run."""
+    save_weights(model, out / 'final.safetensors', summary['model'], **weights_meta)
+    _write_json(out / 'summary.json', summary)
+    try:
+        plot_runs([out], out / 'curves.png')
+    except ImportError as e:  # matplotlib is needed for the plot only, not for training
+        say(f'NOTE: curves.png not drawn ({e})')
+    if summary['test_err_at_best_val'] is not None:
+        say(f"test error at best validation epoch {summary['best_val_epoch']}: {summary['test_err_at_best_val']:.2f}% "
+            f"(final {summary['final_test_err']:.2f}%) on {summary['data_title']}")
+
+
+def _write_debug_dump(dump_dir: Path, rank: int, world_size: int, gates_log, model) -> None:
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(dump_dir / f'rank{rank}.json', dict(
+        rank=rank, world_size=world_size, gates=gates_log,
+        params={k: tensors_sha256({k: v}) for k, v in model.state_dict().items()}))
 
 
 def trainable_datasets() -> list:
     return [n for n, i in data.DATASETS.items() if 'test' in i.splits]
-
-
-def run(args: argparse.Namespace) -> int:
-    # Only the flags typed are in ``args`` (argument_default=SUPPRESS): a resumed run takes the rest from its record.
-    config = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug')}
-    if not config.get('resume') and 'data' not in config:
-        raise ConfigError(f'a new run needs --data, one of {", ".join(trainable_datasets())} '
-                          f'(or --resume --output DIR to continue a run)')
-    # The budget counts from the process start: Python's start-up and imports are part of it.
-    started = time.perf_counter() - time_budget.process_age()
-    train(config, command=shlex.join(['sd-zoo'] + sys.argv[1:]), started=started)
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'train', help='train a stochastic-depth ResNet on CIFAR', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument('--model', help=f"timm model name (default: {DEFAULTS['model']})")
-    p.add_argument('--data', choices=trainable_datasets(), help='required for a new run')
-    p.add_argument('--recipe', choices=list(RECIPES), help=f"default: {DEFAULTS['recipe']}")
-    p.add_argument('--output', metavar='DIR', help='required: the run folder')
-    p.add_argument('--resume', action='store_true',
-                   help='continue the run in DIR from its last checkpoint with its own settings; a flag given '
-                        'with it must agree with them, except '
-                        + ', '.join(sorted(map(flag, _RESUMABLE - {'resume', 'output'}))))
-    add_model_arguments(p)
-    g = p.add_argument_group('recipe settings (default: the recipe\'s value)')
-    add_number(g, '--epochs', bound=BOUNDS['epochs'])
-    add_number(g, '--batch-size', bound=BOUNDS['batch_size'], help='global batch size (all ranks together)')
-    add_number(g, '--lr', bound=BOUNDS['lr'], type=float, help='peak learning rate')
-    add_number(g, '--momentum', bound=BOUNDS['momentum'], type=float)
-    g.add_argument('--nesterov', action=argparse.BooleanOptionalAction)
-    add_number(g, '--weight-decay', bound=BOUNDS['weight_decay'], type=float)
-    g.add_argument('--decay-norm-and-bias', action=argparse.BooleanOptionalAction,
-                   help='apply weight decay to BatchNorm parameters and biases too (paper: yes)')
-    add_number(g, '--label-smoothing', bound=BOUNDS['label_smoothing'], type=float)
-    add_number(g, '--warmup-epochs', bound=BOUNDS['warmup_epochs'], type=float,
-               help='linear warm-up from 0 (may be fractional)')
-    g.add_argument('--schedule', choices=('step', 'cosine', 'linear'), help='lr decay after warm-up')
-    add_number(g, '--milestones', bound=BOUNDS['milestones'], type=float, nargs='*',
-               help='step schedule: fractions of training, e.g. 0.5 0.75')
-    add_number(g, '--gamma', bound=BOUNDS['gamma'], type=float, help='step schedule: lr factor at each milestone')
-    g.add_argument('--amp', choices=AMP_CHOICES,
-                   help='bf16 autocast (BatchNorm statistics and the loss stay fp32); auto: bf16 where the GPU or '
-                        'CPU computes it natively (avx512_bf16, AMX), fp32 where it would be emulated')
-    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='channels_last memory layout')
-    g = p.add_argument_group('model and run settings')
-    g.add_argument('--pretrained', action='store_true', help='start from the published weights of --model '
-                   'NAME.TAG (fine-tuning; a new head if the class count differs)')
-    g.add_argument('--init-weights', metavar='FILE', help='start from a safetensors file written by sd-zoo')
-    add_number(g, '--seed', bound=BOUNDS['seed'])
-    add_number(g, '--val-size', bound=BOUNDS['val_size'],
-               help=f"validation images held out of the training set (default: {DEFAULTS['val_size']}; 0 for none)")
-    add_number(g, '--train-subset', bound=BOUNDS['train_subset'], metavar='N',
-               help='train on the first N training images, class-balanced')
-    add_number(g, '--test-subset', bound=BOUNDS['test_subset'], metavar='N',
-               help='test on the first N test images, class-balanced')
-    add_number(g, '--max-steps', bound=BOUNDS['max_steps'], metavar='N',
-               help='stop after N optimizer steps (smoke tests)')
-    add_number(g, '--eval-every', bound=BOUNDS['eval_every'], metavar='N',
-               help='validate and test every N epochs (and after the last)')
-    add_number(g, '--eval-batch-size', bound=BOUNDS['eval_batch_size'])
-    g.add_argument('--test-at-end', action='store_true',
-                   help='score the test set only once, for the final and the best-validation weights (the paper\'s '
-                        'protocol; saves a test pass per epoch); validation still runs every --eval-every epochs')
-    add_number(g, '--time-budget', bound=BOUNDS['time_budget'], type=float, metavar='SECONDS',
-               help='train the most epochs (at most --epochs) that fit in SECONDS of wall-clock time, set-up, '
-                    'evaluation and checkpoints included; the lr schedule spans exactly those epochs')
-    g.add_argument('--compile', action='store_true', help='torch.compile each residual branch')
-    add_number(g, '--num-threads', bound=BOUNDS['num_threads'], help='torch CPU threads (fix it for bit-exact resumes)')
-    g.add_argument('--device', help='cuda or cpu (default: cuda if available)')
-    g.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
-    g.add_argument('--debug-dump', metavar='DIR',
-                   help='testing aid: each rank writes DIR/rank<R>.json with its per-step gates and parameter digests')
-    p.set_defaults(func=run)

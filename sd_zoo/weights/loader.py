@@ -14,7 +14,6 @@ Every byte of the weights is verified first (``checkpoint.load_state_dict``).
 The commands load through :func:`load_named`, which also gives the :class:`Provenance` their results name
 the weights by: a file by its path and sha256, and a published ``model.tag`` only for its published weights.
 """
-import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,11 @@ from torch import nn
 
 from .. import data
 from .checkpoint import load_into, load_state_dict, read_metadata
-from ..cli.args import PROBABILITY, add_number
 from ..errors import ConfigError, WeightsError
 from ..files import PICKLE_SUFFIXES, PathLike, sha256_file
 from . import pretrained as registry
+from ..models.block_slots import apply_keep_blocks
+from ..models.tags import resolve_tag
 
 # The stochastic-depth create_model arguments that the command line sets (one flag each).
 MODEL_ARG_NAMES = ('drop_path_rate', 'sd_schedule', 'sd_probs', 'sd_gate', 'sd_rule')
@@ -44,7 +44,7 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(arch):
         raise ConfigError(f'unknown model {arch!r}; sd-zoo models: {", ".join(timm.list_models("sd_*"))}')
     if tag:
-        registry.resolve_tag(arch, tag)
+        resolve_tag(arch, tag)
 
 
 def merge_model_args(stored: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -109,7 +109,6 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     """
     keep = overrides.pop('sd_keep_blocks', None)
     if keep is not None:  # pruning applies to the weights as trained, once they have loaded
-        from ..deploy.pruning import apply_keep_blocks  # a top-level import would be circular (pruning -> evaluate -> here
         return apply_keep_blocks(load_model(source, pretrained=pretrained, model_name=model_name, **overrides), keep)
     path = Path(source)
     if path.is_dir():
@@ -121,7 +120,7 @@ def load_model(source: PathLike, *, pretrained: bool = True, model_name: Optiona
     if not pretrained:
         return timm.create_model(name, pretrained=False, **overrides).eval()
     arch, tag = split_model_name_tag(name)
-    tag = registry.resolve_tag(arch, tag or None)
+    tag = resolve_tag(arch, tag or None)
     shipped = registry.SHIPPED_DIR / f'{arch}.{tag}'
     if (shipped / registry.WEIGHTS_FILE).is_file():
         return load_hub_folder(shipped, **overrides)
@@ -199,34 +198,6 @@ def load_named(source: PathLike, *, pretrained: bool = True, model_name: Optiona
         return model, Provenance(name, str(source), sha256)
     if not pretrained:
         return model, Provenance(arch, 'random initialisation')
-    tag = registry.resolve_tag(arch, split_model_name_tag(str(source))[1] or None)
+    tag = resolve_tag(arch, split_model_name_tag(str(source))[1] or None)
     name = f'{arch}.{tag}' if tag else arch
     return model, Provenance(name, name, registry.load_manifest().get(name, {}).get('sha256'))
-
-
-# --- command line -----------------------------------------------------------------------------------------
-
-def _probabilities(value: str):
-    try:
-        return [float(p) for p in value.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated probabilities p_1,...,p_L, got {value!r}') from None
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The stochastic-depth flags, named after the create_model arguments they set (default: the model's own)."""
-    from ..models.stochastic_depth import GATES, RULES, SCHEDULES
-
-    g = p.add_argument_group('stochastic depth (default: the model\'s own, or its tag\'s)')
-    add_number(g, '--drop-path-rate', bound=PROBABILITY, type=float, metavar='R',
-               help='1 - p_L: 0.5 in the paper, 0 = constant depth')
-    g.add_argument('--sd-schedule', choices=SCHEDULES, help='decay of survival probabilities over blocks')
-    add_number(g, '--sd-probs', bound=PROBABILITY, type=_probabilities, metavar='P1,...,PL',
-               help='explicit survival probabilities')
-    g.add_argument('--sd-gate', choices=GATES, help='one draw per block per mini-batch (paper) or per sample')
-    g.add_argument('--sd-rule', choices=RULES, help='paper: eval scales branches by p_l; inverted: training divides')
-
-
-def model_args_of(args: argparse.Namespace) -> Dict[str, Any]:
-    """The create_model arguments given on the command line by :func:`add_model_arguments`'s flags."""
-    return {k: getattr(args, k) for k in MODEL_ARG_NAMES if getattr(args, k, None) is not None}

@@ -1,23 +1,19 @@
-"""Pretrained weights of sd-zoo: what each tag means, which are published, and fast, clear failures.
+"""Published weights: the manifest of what was published, and finding and verifying weights for a tag.
 
-:data:`TAGS` is the one table of what a pretrained tag means: the data its weights were trained on and
-the ``create_model`` arguments they were trained with. The model files register their ``default_cfgs``
-from it (one Hub repo per model and tag under :data:`HUB_ORG`).
-
-The packaged manifest ``published.json`` records what ``sd-zoo hub build`` built for each published
-``model.tag`` (sha256 of model.safetensors, model args, test error); weights are verified against it,
-but it never changes how a model is built.
+What a tag means is :data:`sd_zoo.models.tags.TAGS`. The packaged manifest ``published.json`` records what
+``sd-zoo hub build`` built for each published ``model.tag`` (sha256 of model.safetensors, model args, test
+error); weights are verified against it, but it never changes how a model is built.
 
 Weights are found in the Hugging Face cache (a download, or ``sd-zoo hub seed-cache`` from a checkout's
 ``hub_configs/``). When they are not cached, one short probe of the Hub decides: no retries, so that a
 machine without network fails in seconds with a WeightsError rather than after a minute of back-off.
+``create_model(..., pretrained=True)`` takes its tensors from :func:`pretrained_state`, which this module
+hands to the models on import (they import nothing from here).
 """
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
@@ -25,85 +21,14 @@ from .. import data
 from .checkpoint import load_state_dict
 from ..errors import ConfigError, WeightsError
 from ..files import PathLike, atomic_write_text
+from ..models.sd_resnet_base import set_pretrained_reader
+from ..models.tags import TAGS
 
-HUB_ORG = 'sd-zoo'
-PAPER_ID = 'arXiv:1603.09382'
-PAPER_NAME = 'Deep Networks with Stochastic Depth'
-LICENSE = 'apache-2.0'
 WEIGHTS_FILE = 'model.safetensors'
 
 MANIFEST_PATH = Path(__file__).with_name('published.json')
 # The checkout's folder of Hub repos (absent in an installed wheel); see ``sd-zoo hub seed-cache``.
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / 'hub_configs'
-
-
-@dataclass(frozen=True)
-class Tag:
-    """What a pretrained tag means."""
-    data: str                  # the data the weights were trained on (an sd_zoo.data name where it has one)
-    model_args: Dict[str, Any]  # create_model arguments of the weights (the rest are the model's defaults)
-    num_classes: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-
-
-def _data_tag(data_name: str, **model_args) -> Tag:
-    info = data.dataset_info(data_name)
-    return Tag(data_name, model_args, info.num_classes, info.mean, info.std)
-
-
-SD, CONSTANT = dict(drop_path_rate=0.5), dict(drop_path_rate=0.0)
-TAGS: Dict[str, Tag] = {
-    'c10j75': _data_tag('cifar10-jpeg75', **SD),
-    'c10j75_cd': _data_tag('cifar10-jpeg75', **CONSTANT),    # constant-depth baseline of c10j75
-    'c100j75': _data_tag('cifar100-jpeg75', **SD),
-    'c100j75_cd': _data_tag('cifar100-jpeg75', **CONSTANT),
-    'c10': _data_tag('cifar10', **SD),  # the lossless originals: the paper's setting
-    'c10_cd': _data_tag('cifar10', **CONSTANT),
-    'c100': _data_tag('cifar100', **SD),
-    'c100_cd': _data_tag('cifar100', **CONSTANT),
-    'svhn': Tag('svhn', SD, 10, (0.5,) * 3, (0.5,) * 3),
-    'in1k': Tag('imagenet-1k', SD, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-def trainable_tags() -> Tuple[str, ...]:
-    """The tags of data ``sd-zoo train`` trains on: every CIFAR architecture is registered with all of them,
-    so that any run of the trainer publishes under the tag that means its data and settings."""
-    return tuple(t for t, info in TAGS.items() if 'test' in getattr(data.DATASETS.get(info.data), 'splits', ()))
-
-
-def tag_info(tag: str) -> Tag:
-    if tag not in TAGS:
-        raise ConfigError(f'unknown pretrained tag {tag!r}; known tags: {", ".join(TAGS)}')
-    return TAGS[tag]
-
-
-def tag_for(data_name: str, model_args: Dict[str, Any]) -> str:
-    """The tag of weights trained on ``data_name`` with ``model_args`` (ConfigError if none fits)."""
-    for tag, info in TAGS.items():
-        if info.data == data_name and all(model_args.get(k) == v for k, v in info.model_args.items()):
-            return tag
-    raise ConfigError(f'no pretrained tag means weights trained on {data_name} with {model_args}; the tags are '
-                      f'{", ".join(f"{t} ({i.data}, {i.model_args})" for t, i in TAGS.items())}: '
-                      f'train with the settings of one of them, or add a tag that means these to TAGS in '
-                      f'sd_zoo/weights/pretrained.py')
-
-
-def _cfg(model_name: str, tag: str, **kwargs) -> Dict[str, Any]:
-    info = tag_info(tag)
-    return dict(hf_hub_id=f'{HUB_ORG}/{model_name}.{tag}', num_classes=info.num_classes, mean=info.mean, std=info.std,
-                first_conv='conv1', classifier='fc', interpolation='bilinear', license=LICENSE, paper_ids=PAPER_ID,
-                paper_name=PAPER_NAME, **kwargs)
-
-
-def cifar_cfg(model_name: str, tag: str) -> Dict[str, Any]:
-    return _cfg(model_name, tag, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-                origin_url='https://github.com/yueatsprograms/Stochastic_Depth')
-
-
-def imagenet_cfg(model_name: str, tag: str) -> Dict[str, Any]:
-    return _cfg(model_name, tag, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875)
 
 
 def load_manifest(path: Optional[PathLike] = None) -> Dict[str, Dict[str, Any]]:
@@ -123,24 +48,6 @@ def write_manifest_entry(name: str, entry: Dict[str, Any], path: Optional[PathLi
     manifest = load_manifest(path)
     manifest[name] = entry
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-
-
-def tag_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
-    """The create_model arguments that weights of ``variant.tag`` need."""
-    return dict(tag_info(tag).model_args) if tag else {}
-
-
-def resolve_tag(variant: str, pretrained_cfg) -> Optional[str]:
-    """The pretrained tag requested through ``create_model('variant.tag')``; a clear error if unknown."""
-    if isinstance(pretrained_cfg, str):
-        known = list_pretrained(f'{variant}.*')
-        if f'{variant}.{pretrained_cfg}' not in known:
-            raise ConfigError(f'unknown pretrained tag {variant}.{pretrained_cfg}; '
-                              f'known tags: {", ".join(known) or "none"}')
-        return pretrained_cfg
-    if pretrained_cfg is None:
-        pretrained_cfg = get_pretrained_cfg(variant)
-    return pretrained_cfg.get('tag') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'tag', None)
 
 
 def _repo_name(repo_id: str) -> str:
@@ -280,3 +187,6 @@ def create_pretrained(model_name: str, **kwargs):
         repo_id = model_name[len('hf-hub:'):]
         hub_file(repo_id, _repo_name(repo_id), filename='config.json', cache_dir=kwargs.get('cache_dir'))
     return timm.create_model(model_name, pretrained=True, **kwargs)
+
+
+set_pretrained_reader(pretrained_state)
