@@ -76,6 +76,20 @@ def test_the_import_graph_has_no_circle():
     assert _cycle(_graph()) == []
 
 
+def test_the_folders_import_one_way():
+    """Folder by folder too: models at the bottom, then weights, training and evaluation, deploy, publishing,
+    and the command line on top (the package's own __init__, which re-exports, aside)."""
+    folders = {}
+    for module, targets in _graph().items():
+        if module == 'sd_zoo':
+            continue
+        source = module.split('.')[1]
+        folders.setdefault(source, set()).update(t.split('.')[1] for t in targets if t != 'sd_zoo')
+    folders = {f: targets - {f} for f, targets in folders.items()}
+    assert _cycle(folders) == [], folders
+    assert folders['models'] <= {'errors'} and 'cli' not in set().union(*(folders[f] for f in folders if f != 'cli'))
+
+
 def test_the_cycle_finder_finds_a_circle():
     assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
     assert _cycle({'p': {'p.x'}, 'p.x': {'p'}}) == []  # a package re-exporting its module

@@ -15,7 +15,7 @@ from sd_zoo import data
 from sd_zoo.weights.checkpoint import save_weights
 from sd_zoo.cli import main
 from sd_zoo.errors import ConfigError
-from sd_zoo.publishing.model_card import count_params_macs
+from sd_zoo.evaluation.evaluate import count_params_macs
 from sd_zoo.deploy.onnx_export import export_onnx
 from sd_zoo.deploy.onnx_runtime import OnnxClassifier
 from sd_zoo.deploy.pruning import (

@@ -3,9 +3,9 @@ import argparse
 
 from ..evaluation import schedule_plot
 from ..evaluation.schedule_plot import plot_schedule
+from ..models.stochastic_depth import SCHEDULES
 from ..ranges import PROBABILITY
 from ..weights.loader import load_model
-from ..models.stochastic_depth import SCHEDULES
 from .args import add_number, model_args_of
 
 

@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from ..evaluation.evaluate import check_num_classes, evaluate, load_eval_split, model_logits_fn
+from ..evaluation.evaluate import (
+    check_num_classes, count_params_macs, evaluate, load_eval_split, model_logits_fn
+)
 from ..models.tags import normalization
 from ..models.block_slots import kept_blocks
 from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, prune_blocks
@@ -56,7 +58,6 @@ def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival
     per batch size (default :data:`REPEATS`).
     """
     from tqdm.auto import tqdm
-    from ..publishing.model_card import count_params_macs
     from .onnx_export import export_onnx
 
     repeats = repeats or REPEATS

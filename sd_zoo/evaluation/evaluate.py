@@ -10,11 +10,12 @@ written by ``sd-zoo train``, each rebuilt with the settings and normalisation it
 result names the weights it came from (``sd_zoo.weights.loader.Provenance``): a file by its path and sha256, a
 published tag's name only for the published weights of that tag.
 """
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import data
 from ..errors import ConfigError
@@ -69,6 +70,19 @@ def evaluate_model(model: torch.nn.Module, data_name: str, split: str = 'test', 
     check_model_fits(model, data_name)
     images, labels = load_eval_split(data_name, split, limit, root)
     return evaluate(model_logits_fn(model, *normalization(model)), images, labels, batch_size)
+
+
+def count_params_macs(model: nn.Module, input_size=(3, 32, 32)) -> Tuple[int, int]:
+    """Parameters and multiply-accumulates of one eval-mode forward (every block runs at test time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *input_size))
+    model.train(was_training)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # 1 MAC = 2 FLOPs
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

@@ -37,12 +37,12 @@ from timm.models import get_pretrained_cfg, save_for_hf
 from ..weights import checkpoint as ckpt, pretrained
 from .. import data
 from ..errors import ConfigError, SDZooError, WeightsError
-from ..evaluation.evaluate import check_num_classes, evaluate_model
+from ..evaluation.evaluate import check_num_classes, count_params_macs, evaluate_model
 from ..files import PICKLE_SUFFIXES, PathLike, new_file_mode, sha256_file
 from ..models import tags
 from ..weights.loader import load_model
 from .model_card import (
-    TAGS as CARD_TAGS, card_metrics, count_params_macs, expected_metrics, read_card, recipe_rows, render_card
+    TAGS as CARD_TAGS, card_metrics, expected_metrics, read_card, recipe_rows, render_card
 )
 from ..evaluation.metrics_plot import read_metrics
 from ..deploy.prune_curve import pruning_table

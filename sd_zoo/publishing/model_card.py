@@ -8,9 +8,6 @@ template. Numbers are percentages rounded to two decimals, in the YAML and in th
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-from torch import nn
-
 from ..models.tags import HUB_ORG, LICENSE, PAPER_ID
 
 TEMPLATE = Path(__file__).with_name('templates') / 'model_card.md'
@@ -44,19 +41,6 @@ METRICS = {
 
 def round_pct(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(float(value), 2)
-
-
-def count_params_macs(model: nn.Module, input_size=(3, 32, 32)) -> Tuple[int, int]:
-    """Parameters and multiply-accumulates of one eval-mode forward (every block runs at test time)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, *input_size))
-    model.train(was_training)
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # 1 MAC = 2 FLOPs
 
 
 def render_card(facts: Dict[str, Any]):
