@@ -308,3 +308,38 @@ def test_init_weights_are_recorded_in_the_new_weights(jpeg_data, tmp_path):
     meta = read_metadata(tmp_path / 'ft' / 'final.safetensors')
     assert meta['init_from'] == 'start.safetensors'
     assert json.loads((tmp_path / 'ft' / 'run.json').read_text())['init_from'] == 'start.safetensors'
+
+
+# --- the paper's protocol: test only at the end --------------------------------------------------------
+
+def test_test_at_end_scores_the_best_and_final_weights_as_per_epoch_testing_does(jpeg_data, tmp_path, monkeypatch):
+    from sd_zoo.evaluation.evaluate import evaluate_model
+
+    cfg = dict(TINY, epochs=3, seed=3, lr=0.05, output=str(tmp_path / 'every'))
+    every = train.train(cfg)
+    at_end = train.train(dict(cfg, test_at_end=True, output=str(tmp_path / 'end')))
+    rows = [json.loads(line) for line in (tmp_path / 'end' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['test_err'] is None for r in rows] == [True, True, False]  # one test pass, after the last epoch
+    assert [r['val_err'] for r in rows] == [json.loads(line)['val_err'] for line in
+                                            (tmp_path / 'every' / 'metrics.jsonl').read_text().splitlines()]
+    for key in ('best_val_epoch', 'test_err_at_best_val', 'final_test_err'):
+        assert at_end[key] == every[key], key
+    for name, key in (('best.safetensors', 'test_err_at_best_val'), ('final.safetensors', 'final_test_err')):
+        measured = evaluate_model(load_model(tmp_path / 'end' / name), 'cifar10-jpeg75', limit=TINY['test_subset'])
+        assert measured['top1_err'] == pytest.approx(at_end[key], abs=1e-9), name
+
+    # Interrupted after epoch 2 and resumed: the best-validation weights travel in the checkpoint.
+    real_write, writes = train.atomic_write, []
+
+    def write_then_stop(path, write):
+        real_write(path, write)
+        writes.append(path.name)
+        if writes.count('checkpoint.pt') == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'atomic_write', write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dict(cfg, test_at_end=True, output=str(tmp_path / 'resumed')))
+    monkeypatch.setattr(train, 'atomic_write', real_write)
+    resumed = train.train(dict(output=str(tmp_path / 'resumed'), resume=True, quiet=True))
+    for key in ('best_val_epoch', 'test_err_at_best_val', 'final_test_err'):
+        assert resumed[key] == at_end[key], key
