@@ -102,11 +102,11 @@ def recipe_rows(config: Dict[str, Any], device: Optional[str] = None, precision:
     keys = ('model', 'data', 'recipe', 'epochs', 'batch_size', 'lr', 'schedule', 'milestones', 'gamma',
             'warmup_epochs', 'momentum', 'nesterov', 'weight_decay', 'decay_norm_and_bias', 'label_smoothing',
             'amp', 'drop_path_rate', 'sd_schedule', 'sd_gate', 'sd_rule', 'val_size', 'train_subset', 'seed')
-    cuda = str(device or '').startswith('cuda') or precision is not None
+    amp_used = str(device or '').startswith('cuda') or precision is not None
     rows = []
     for key in keys:
         value = config.get(key)
-        if value in (None, (), []) or key == 'amp' and not cuda:
+        if value in (None, (), []) or key == 'amp' and not amp_used:
             continue
         if isinstance(value, (list, tuple)):
             value = ', '.join(str(v) for v in value)
