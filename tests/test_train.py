@@ -141,6 +141,15 @@ def test_plot_of_two_runs(runs, tmp_path):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_a_run_tested_only_at_the_end_is_drawn_by_its_validation_error():
+    from sd_zoo.evaluation.metrics_plot import error_curve
+    per_epoch = [dict(epoch=e, val_err=30.0 - e, test_err=31.0 - e) for e in (1, 2, 3)]
+    assert error_curve(per_epoch) == ('test', [1, 2, 3], [30.0, 29.0, 28.0])
+    at_end = [dict(epoch=e, val_err=30.0 - e, test_err=None) for e in (1, 2)] + [dict(epoch=3, val_err=27.0,
+                                                                                     test_err=28.5)]
+    assert error_curve(at_end) == ('val', [1, 2, 3], [29.0, 28.0, 27.0])  # not one lone test point
+
+
 def test_refuses_to_overwrite_or_resume_with_other_settings(runs):
     root, _ = runs
     run = root / 'sd'

@@ -8,7 +8,7 @@
 3. Export the expected-value network to ONNX (``sd_zoo.deploy.onnx_export``) and run it with ONNX Runtime.
 4. Print accuracy where labels exist, PyTorch/ONNX Runtime agreement, and timings.
 
-    sd-zoo demo                                   # sd_resnet20.c10j75 on 1,000 CIFAR-10 test images
+    sd-zoo demo                                   # the best published CIFAR-10 weights on 1,000 test images
     sd-zoo demo cat.png ship.jpg                  # your images (resized to 32x32)
     sd-zoo demo --weights runs/r20/final.safetensors --limit 0     # own weights, whole test set
 """
@@ -29,6 +29,9 @@ from ..evaluation.evaluate import check_num_classes, load_eval_split, model_logi
 from ..weights.loader import load_model
 from ..deploy.pruning import training_data
 from ..ranges import COUNT, NON_NEGATIVE
+
+# Shown where no weights for --data are published: it then runs untrained, saying how to get weights.
+FALLBACK_MODEL = 'sd_resnet20.c10j75'
 
 
 def load_demo_model(name: str, weights: Optional[str] = None) -> Tuple[torch.nn.Module, str, bool]:
@@ -117,6 +120,7 @@ def run_demo(args) -> Dict[str, Any]:
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    args.model = args.model or pretrained.best_published(args.data) or FALLBACK_MODEL
     model, source, trained = load_demo_model(args.model, args.weights)
     cfg = model.pretrained_cfg
     # Your own weights are named after their file, never after a published tag they are not.
@@ -153,6 +157,8 @@ def run_demo(args) -> Dict[str, Any]:
         model=name, source=source, trained=trained, inputs=what, n=n,
         agreement=float(100 * (torch_logits.argmax(1) == ort_logits.argmax(1)).mean()),
         max_abs_diff=float(np.abs(torch_logits - ort_logits).max()),
+        # Relative too: an untrained deep net's logits reach 1e5, where float32 rounding alone differs by 1.
+        max_rel_diff=float(np.abs(torch_logits - ort_logits).max() / max(np.abs(torch_logits).max(), 1e-12)),
         pytorch_ms_per_image=1000 * torch_s / n, onnxruntime_ms_per_image=1000 * ort_s / n,
         pytorch_latency_ms=1000 * float(np.median(latency['pytorch'])),
         onnxruntime_latency_ms=1000 * float(np.median(latency['onnxruntime'])),
@@ -175,7 +181,7 @@ def run_demo(args) -> Dict[str, Any]:
                               for v, i in zip(top.values.tolist(), top.indices.tolist()))
             print(f'  {path}: {shown}')
     print(f'agreement: PyTorch and ONNX Runtime pick the same class for {result["agreement"]:.1f}% of {n} images, '
-          f'max |logit difference| {result["max_abs_diff"]:.2g}')
+          f'max |logit difference| {result["max_abs_diff"]:.2g} ({result["max_rel_diff"]:.1g} of the largest |logit|)')
     print(f'timing: PyTorch {result["pytorch_ms_per_image"]:.2f} ms/image, ONNX Runtime '
           f'{result["onnxruntime_ms_per_image"]:.2f} ms/image (batches of {args.batch_size}); batch-1 latency '
           f'PyTorch {result["pytorch_latency_ms"]:.2f} ms, ONNX Runtime {result["onnxruntime_latency_ms"]:.2f} ms '
@@ -193,7 +199,8 @@ def add_parser(subparsers) -> None:
         'demo', help='load shipped weights, classify, export to ONNX and compare with ONNX Runtime',
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('images', nargs='*', metavar='IMAGE', help='image files to classify (default: the test set)')
-    p.add_argument('--model', default='sd_resnet20.c10j75', help='pretrained name model.tag (default: %(default)s)')
+    p.add_argument('--model', help='pretrained name model.tag (default: the published weights of lowest test error '
+                                   f'on --data, as sd_zoo/weights/published.json records; {FALLBACK_MODEL} where none is)')
     p.add_argument('--weights', help='a hub folder (hub_configs/NAME) or a safetensors file to use instead')
     p.add_argument('--data', default='cifar10-jpeg75', help='test set when no images are given (default: %(default)s)')
     add_number(p, '--limit', bound=NON_NEGATIVE, default=1000,

@@ -1,5 +1,6 @@
 """`sd-zoo hub build|check|push|seed-cache`: the flags of each, and the lines they print."""
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Sequence
 
@@ -26,7 +27,8 @@ def run_build(args) -> int:
     manifest = None if args.no_manifest or out.resolve() != pretrained.SHIPPED_DIR.resolve() \
         else pretrained.MANIFEST_PATH
     folder = build(args.run, args.checkpoint, args.model, args.tag, out, evaluate=not args.skip_eval,
-                   limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows)
+                   limit=args.limit, manifest=manifest, force=args.force, pruning_rows=args.pruning_rows,
+                   progress=True, note=args.note)
     recorded = pretrained.load_manifest().get(folder.name, {}).get('sha256')
     note = f'; recorded in {manifest.name}' if manifest else \
         (f'; not recorded in sd_zoo/weights/published.json, which publishes other weights as {folder.name}: '
@@ -38,6 +40,8 @@ def run_build(args) -> int:
 def run_check(args) -> int:
     failed = 0
     for folder in _folders(args.folders):
+        if not args.skip_eval:
+            print(f'hub check: {folder}: re-measuring the card\'s metrics', file=sys.stderr, flush=True)
         problems = check(folder, evaluate=not args.skip_eval, limit=args.limit)
         print(f'{folder}: ' + ('ok' if not problems else 'FAILED\n  ' + '\n  '.join(problems)))
         failed += bool(problems)
@@ -85,6 +89,8 @@ def add_parser(subparsers) -> None:
     b.add_argument('--force', action='store_true', help='replace an existing folder of the same model.tag')
     add_number(b, '--pruning-rows', bound=NON_NEGATIVE, default=7, metavar='N',
                help="depths in the card's pruning table (default %(default)s; 0 for none)")
+    b.add_argument('--note', metavar='TEXT', help="a paragraph for the card's training section, e.g. why the "
+                                                   'recipe departs from the usual one and what was measured')
     b.set_defaults(func=run_build)
 
     c = sub.add_parser('check', help='verify hub folders: config, strict weight load, card metrics and sha256')

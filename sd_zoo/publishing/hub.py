@@ -27,6 +27,8 @@ import os
 import re
 import shlex
 import shutil
+import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -123,10 +125,11 @@ def _duration(seconds: Optional[float]) -> Optional[str]:
     return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
 
 
-def _mean_epoch_seconds(run_dir: Path) -> Optional[float]:
-    """Mean training time of one epoch (without evaluation) over the run's logged epochs."""
+def _median_epoch_seconds(run_dir: Path) -> Optional[float]:
+    """Median training time of one epoch (without evaluation) over the run's logged epochs: the median, since
+    epochs that shared the machine with other work take several times as long and would swamp a mean."""
     times = [row['epoch_time_s'] for row in read_metrics(run_dir) if row.get('epoch_time_s')]
-    return sum(times) / len(times) if times else None
+    return statistics.median(times) if times else None
 
 
 def _arch_title(arch: str) -> str:
@@ -163,7 +166,7 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
             world_size=run_info.get('world_size'), torch=run_info.get('torch'),
             processor=run_info.get('processor'), threads=run_info.get('threads'),
             precision=run_info.get('precision', '').removeprefix('precision: ') or None,
-            epoch_s=_mean_epoch_seconds(run_dir)),
+            epoch_s=_median_epoch_seconds(run_dir)),
         **_data_facts(data_name))
 
 
@@ -204,12 +207,15 @@ def _tagged_model(checkpoint: Path, model_name: Optional[str], data_name: str, t
 def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: Optional[str] = None,
           tag: Optional[str] = None, out: Optional[PathLike] = None, evaluate: bool = True,
           limit: Optional[int] = None, manifest: Optional[PathLike] = None, force: bool = False,
-          pruning_rows: int = 7) -> Path:
+          pruning_rows: int = 7, progress: bool = False, note: Optional[str] = None) -> Path:
     """Write ``out/<model>.<tag>/`` from a folder written by ``sd-zoo train``; returns the folder.
 
     The arguments are those of ``sd-zoo hub build``; ``tag`` defaults to the tag of ``sd_zoo.models.tags.TAGS`` that
     means the weights' data and settings, ``manifest`` (a JSON file to record the weights in) to none.
+    ``progress`` says each step on stderr, with a progress bar over the pruning table's depths. ``note`` is a
+    paragraph for the card's training section: why the recipe departs from the usual one, with the measurement.
     """
+    say = (lambda msg: print(f'hub build: {msg}', file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f'run folder {run_dir} not found')
@@ -228,9 +234,14 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
     folder = out / name
     if folder.exists() and not force:
         raise ConfigError(f'{folder} already exists; pass --force to replace it with weights from {run_dir}')
+    if evaluate:
+        say(f'{name}: measuring the test error in fp32 on {limit or "all"} test images of {data_name}')
     evaluation = dict(measure(model, data_name, limit), measured_by='sd-zoo hub build') if evaluate \
         else _summary_evaluation(run_dir, summary, checkpoint.name)
-    pruning = pruning_table(model, data_name, limit=limit, rows=pruning_rows) if evaluate and pruning_rows else []
+    if evaluate and pruning_rows:
+        say(f'{name}: pruning table, up to {pruning_rows} depths, each evaluated and timed with ONNX Runtime')
+    pruning = pruning_table(model, data_name, limit=limit, rows=pruning_rows, progress=progress) \
+        if evaluate and pruning_rows else []
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out))  # built aside, then swapped in whole
@@ -245,7 +256,7 @@ def build(run_dir: PathLike, checkpoint: Optional[PathLike] = None, model_name: 
         if curves:
             shutil.copyfile(run_dir / 'curves.png', tmp / CURVES_PNG)
         facts = gather_facts(model, arch, tag, data_name, evaluation, run_dir, checkpoint.name, sha256, curves)
-        facts['pruning'] = pruning
+        facts.update(pruning=pruning, note=note.strip() if note else None)
         render_card(facts).save(tmp / 'README.md')
         for f in tmp.iterdir():
             os.chmod(f, new_file_mode())

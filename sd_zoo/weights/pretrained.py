@@ -50,6 +50,15 @@ def write_manifest_entry(name: str, entry: Dict[str, Any], path: Optional[PathLi
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
 
 
+def best_published(data_name: str, path: Optional[PathLike] = None) -> Optional[str]:
+    """The published ``model.tag`` of lowest recorded test error among those whose tag means ``data_name``
+    (None where none is published): what ``sd-zoo demo`` shows by default."""
+    scored = [(entry['top1_err'], name) for name, entry in load_manifest(path).items()
+              if name.partition('.')[2] in TAGS and TAGS[name.partition('.')[2]].data == data_name
+              and entry.get('top1_err') is not None]
+    return min(scored)[1] if scored else None
+
+
 def _repo_name(repo_id: str) -> str:
     """'sd-zoo/sd_resnet20.c10j75@rev' -> 'sd_resnet20.c10j75': sd-zoo names each repo after its model.tag."""
     return hf_split(repo_id)[0].split('/')[-1]
