@@ -259,11 +259,10 @@ def test_prune_curve_cli(tmp_path, capsys, monkeypatch):
                         (x_test, own) if split == 'test' else fake_split(name, split, root))
     monkeypatch.setattr(pc, 'REPEATS', {1: 3, 64: 2})
     # Three depths instead of seven keep the test short; test_curve_depths checks the full range.
-    monkeypatch.setattr(pc, 'depths', lambda model: [9, 5, 3])
     weights = save_weights(model, tmp_path / 'w.safetensors', model_name='sd_resnet20', data='cifar10')
     plot = tmp_path / 'curve.png'
     assert main(['prune-curve', '--model', str(weights), '--data', 'cifar10', '--json', '--plot', str(plot),
-                 '--quiet']) == 0
+                 '--blocks', '9,5,3', '--quiet']) == 0
     curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['curves'][str(weights)]
     assert [r['blocks'] for r in curve] == [9, 5, 3]
     assert [r['kept'] for r in curve] == [list(range(9)), [0, 1, 2, 3, 6], [0, 3, 6]]

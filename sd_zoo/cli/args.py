@@ -40,6 +40,14 @@ def _probabilities(value: str) -> List[float]:
         raise argparse.ArgumentTypeError(f'expected comma-separated probabilities p_1,...,p_L, got {value!r}') from None
 
 
+def counts(value: str) -> List[int]:
+    """Comma-separated whole numbers (``--blocks 54,40,27``)."""
+    try:
+        return [int(n) for n in value.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated whole numbers N,N,..., got {value!r}') from None
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The stochastic-depth flags, named after the create_model arguments they set (default: the model's own)."""
     g = p.add_argument_group('stochastic depth (default: the model\'s own, or its tag\'s)')

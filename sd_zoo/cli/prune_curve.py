@@ -12,7 +12,7 @@ from ..deploy.pruning import IMPORTANCE_IMAGES
 from ..errors import ConfigError
 from ..ranges import COUNT
 from ..weights.loader import load_named
-from .args import add_number, parse_order
+from .args import add_number, counts, parse_order
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = {name: load_named(name) for name in args.model}
     models = {name: model for name, (model, _) in loaded.items()}
     curves = measure_curves(models, args.data, args.prune_order, args.limit, args.threads,
-                            importance_images=args.importance_images, progress=not args.quiet)
+                            importance_images=args.importance_images, blocks=args.blocks, progress=not args.quiet)
     title = data.dataset_info(args.data).title
     print(f'{title} test split, {args.limit or "all"} images; prune order {args.prune_order}; ONNX Runtime '
           f'{onnxruntime.__version__} CPU, {args.threads} thread(s), median of {REPEATS[1]} (batch 1) and '
@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument('--prune-order', type=parse_order, default='survival', metavar='ORDER',
                    help='survival (default), importance, or block indices i,j,... dropped first')
     add_number(p, '--limit', bound=COUNT, metavar='N', help='score only N test images, class-balanced')
+    add_number(p, '--blocks', bound=COUNT, type=counts, metavar='N,N,...',
+               help='the block counts to measure (default: every one, from all blocks down to one per stage)')
     add_number(p, '--importance-images', bound=COUNT, default=IMPORTANCE_IMAGES, metavar='N',
                help='validation images that rank blocks for --prune-order importance (default %(default)s)')
     add_number(p, '--threads', bound=COUNT, default=1, help='CPU threads for PyTorch and ONNX Runtime (default 1)')

@@ -1,6 +1,7 @@
 """`sd-zoo prune-curve`: test error, multiply-accumulates and ONNX Runtime latency at every pruned depth.
 
-For each model and each number of kept blocks N, from all blocks down to one block per stage, the
+For each model and each number of kept blocks N, from all blocks down to one block per stage (or the
+counts ``--blocks`` names: a 54-block net has 52 depths, each a pass over the test split), the
 model is pruned (:func:`sd_zoo.prune_blocks`; one ranking per model, so the nets are nested), scored
 in PyTorch on the test split (so the all-blocks row is the model card's error), counted (MACs of one
 image) and exported to ONNX; then every exported graph is timed on the CPU at batch 1 and batch 64 in
@@ -19,6 +20,7 @@ from torch import nn
 from ..evaluation.evaluate import (
     check_num_classes, count_params_macs, evaluate, load_eval_split, model_logits_fn
 )
+from ..errors import ConfigError
 from ..models.tags import normalization
 from ..models.block_slots import kept_blocks
 from .pruning import IMPORTANCE_IMAGES, blocks_to_keep, drop_ranking, prune_blocks
@@ -63,6 +65,10 @@ def measure_curves(models: Dict[str, nn.Module], data_name: str, order='survival
     repeats = repeats or REPEATS
     for name, model in models.items():
         check_num_classes(name, model.num_classes, data_name)
+        wrong = [n for n in blocks or () if n not in depths(model)]
+        if wrong:  # before any scoring: a deep net's curve takes long
+            raise ConfigError(f'blocks {wrong}: {name} keeps between {depths(model)[-1]} (one per stage) and '
+                              f'{depths(model)[0]} blocks')
     images, labels = load_eval_split(data_name, 'test', limit)
     rows: Dict[str, List[Dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix='sd_zoo_prune_curve_') as tmp:
