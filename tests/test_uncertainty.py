@@ -78,9 +78,17 @@ def test_constant_depth_samples_equal_the_deterministic_net_exactly():
                 assert torch.equal(sample(x), expected)
                 # The blocks really took the training path (their gates counted the calls).
                 assert model.block_stats() == dict(executed=9 * (i + 1), total=9 * (i + 1))
-    result = mc_predict(model, x, samples=3)
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    result = mc_predict(model, x, samples=30)
+    hook.remove()
+    assert len(passes) == 1  # all 30 samples are this one network: computed once
     assert torch.allclose(result.probs, expected.double().softmax(dim=1), rtol=0, atol=1e-12)
     assert result.mutual_info.abs().max() < 1e-12
+    gated = _sd20(drop_path_rate=0.5)
+    gated.register_forward_hook(lambda *_: passes.append(1))
+    mc_predict(gated, x, samples=3)
+    assert len(passes) == 1 + 3  # with p_L < 1 every sample is its own pass
 
 
 def test_mc_predict_is_mean_of_sampled_softmax_with_entropy_and_mutual_information():

@@ -105,16 +105,18 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 30,
     mode: it runs with BatchNorm in eval mode and is left unchanged.
     """
     _check_samples(samples)
+    # Where every p_l is 1 (constant depth) all passes are the same network: one pass is the whole ensemble.
+    passes = 1 if all(float(b.stochastic_depth.survival_prob) == 1.0 for b in gated_blocks(model)) else samples
     total = entropy_sum = 0.0
     with depth_sampling(model, generator) as sample:
-        for _ in range(samples):
+        for _ in range(passes):
             p = sample(x).double().softmax(dim=1)
             total += p
             entropy_sum += torch.special.entr(p).sum(dim=1)
-    probs = total / samples
+    probs = total / passes
     entropy = torch.special.entr(probs).sum(dim=1)
     # Non-negative by Jensen's inequality; the clamp removes rounding noise when all samples agree.
-    mutual_info = (entropy - entropy_sum / samples).clamp_min(0.0)
+    mutual_info = (entropy - entropy_sum / passes).clamp_min(0.0)
     return MCPrediction(probs, entropy, mutual_info)
 
 
