@@ -15,7 +15,8 @@ CPU = torch.device('cpu')
 
 
 @pytest.mark.parametrize('native, amp, chosen', [
-    ('avx512_bf16', 'auto', 'bf16'), (None, 'auto', 'none'), (None, 'bf16', 'bf16'), ('AMX', 'none', 'none')])
+    ('avx512_bf16', 'auto', 'bf16'), (None, 'auto', 'none'), (None, 'bf16', 'bf16'), ('AMX', 'none', 'none'),
+    ('AMX', 'bf16', 'bf16')])
 def test_auto_takes_bf16_only_where_it_is_native_and_an_explicit_choice_is_honoured(monkeypatch, native, amp, chosen):
     monkeypatch.setattr(train, 'native_bf16', lambda device: native)
     used, why = train.choose_precision(amp, CPU)
@@ -25,6 +26,14 @@ def test_auto_takes_bf16_only_where_it_is_native_and_an_explicit_choice_is_honou
         assert 'emulated' in why
     if amp == 'bf16' and not native:
         assert 'slower' in why  # an explicit bf16 on an emulating CPU is honoured, with a warning
+    if chosen == 'bf16' and native:
+        assert f'({native} computes bf16 natively)' in why
+
+
+def test_a_resumed_bf16_run_names_the_native_hardware_as_its_start_did(monkeypatch):
+    """A resume passes the recorded 'bf16', not 'auto'; its run.json must not lose the reason."""
+    monkeypatch.setattr(train, 'native_bf16', lambda device: 'AMX')
+    assert train.choose_precision('bf16', CPU) == train.choose_precision('auto', CPU)
 
 
 def test_native_bf16_reads_the_cpu_features(monkeypatch):

@@ -104,7 +104,7 @@ def test_run_writes_all_outputs(runs):
     root, summaries = runs
     out = root / 'sd'
     for name in ('final.safetensors', 'best.safetensors', 'metrics.jsonl', 'summary.json', 'run.json',
-                 'curves.png', 'checkpoint.pt'):
+                 'progress.json', 'curves.png', 'checkpoint.pt'):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in rows] == [1, 2]
@@ -202,6 +202,10 @@ def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
     proc.wait()
     assert torch.load(ckpt, weights_only=True)['epoch'] == 1, 'the kill came after epoch 2 had finished'
     assert not (tmp_path / 'run' / 'final.safetensors').exists()
+    progress = json.loads((tmp_path / 'run' / 'progress.json').read_text())  # written with epoch 1's metrics
+    assert (progress['epochs_done'], progress['epochs'], progress['finished']) == (1, 3, False)
+    assert progress['estimated_time_left_s'] == round(2 * epoch_time)
+    assert progress['resume'] == f"sd-zoo train --resume --output {tmp_path / 'run'}"
 
     # No other flag: the run's checkpoint supplies its settings.
     cmd, env = _cli('train', '--output', str(tmp_path / 'run'), '--resume')
@@ -212,6 +216,9 @@ def test_resume_after_sigkill_is_bit_exact(jpeg_data, tmp_path):
         for k in ref:
             assert torch.equal(ref[k], got[k]), f'{name}: {k} differs after resume'
     assert _untimed_metrics(tmp_path / 'ref' / 'metrics.jsonl') == _untimed_metrics(metrics)
+    progress = json.loads((tmp_path / 'run' / 'progress.json').read_text())
+    assert (progress['epochs_done'], progress['finished'], progress['estimated_time_left_s']) == (3, True, 0)
+    assert 'resume' not in progress
     run_json = json.loads((tmp_path / 'run' / 'run.json').read_text())
     assert run_json['commands'][1:] == [shlex.join(['sd-zoo', 'train', '--output', str(tmp_path / 'run'), '--resume'])]
 

@@ -85,6 +85,7 @@ def _cases(tmp: Path):
         ('export: a tag without weights to load', ['export', '--model', 'sd_resnet20.c10j75', '-o', str(tmp / 'm.onnx')],
          'names published weights: add --pretrained'),
         ('plot: a missing run', ['plot', str(tmp / 'no_run'), '-o', str(tmp / 'p.png')], 'holds no finished epoch'),
+        ('progress: not a run folder', ['progress', str(tmp / 'no_run')], 'has no run.json: give the --output folder'),
         ('prune-curve: a depth the model cannot have',
          ['prune-curve', '--model', 'sd_resnet20', '--data', 'cifar10-jpeg75', '--blocks', '9,2', '--quiet'],
          'blocks [2]: sd_resnet20 keeps between 3 (one per stage) and 9 blocks'),

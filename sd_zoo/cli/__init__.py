@@ -1,4 +1,4 @@
-"""The ``sd-zoo`` command: one subcommand per workflow (train, eval, export, validate, hub, demo, plot, timm, ...).
+"""The ``sd-zoo`` command: one subcommand per workflow (train, progress, eval, export, validate, hub, demo, plot, timm, ...).
 
 Each subcommand has its module here, which owns its arguments through ``add_parser(subparsers)``: it
 registers a subparser and sets ``func`` to the function that runs it; this file only wires them together.
@@ -8,11 +8,11 @@ import argparse
 import sys
 
 from ..errors import SDZooError
-from . import demo, export, hub, plot, prune_curve, schedule, timm_scripts, train, validate
+from . import demo, export, hub, plot, progress, prune_curve, schedule, timm_scripts, train, validate
 from . import eval as eval_command  # not the builtin
 
 # The subcommands' modules, in the order they appear in ``sd-zoo --help``.
-_COMMANDS = (train, eval_command, export, validate, prune_curve, hub, demo, schedule, plot, timm_scripts)
+_COMMANDS = (train, progress, eval_command, export, validate, prune_curve, hub, demo, schedule, plot, timm_scripts)
 
 
 def build_parser() -> argparse.ArgumentParser:

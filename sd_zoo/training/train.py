@@ -8,7 +8,8 @@ decay, as short schedules need more regularisation). The reported number is the 
 best validation error.
 
 Outputs in ``--output DIR`` (rank 0 writes): ``final.safetensors``, ``best.safetensors``, ``metrics.jsonl``,
-``summary.json``, ``run.json``, ``curves.png`` and ``checkpoint.pt``. The checkpoint is written atomically
+``summary.json``, ``run.json``, ``progress.json`` (epochs done, time left: ``sd_zoo.training.progress``),
+``curves.png`` and ``checkpoint.pt``. The checkpoint is written atomically
 every epoch with every RNG state; data order comes from (seed, epoch) and the lr from the step, so
 ``--resume`` after a crash, even SIGKILL mid-epoch, ends with the same weights bit for bit on the same
 machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically); ``--resume --output
@@ -48,6 +49,7 @@ from ..weights.loader import MODEL_ARG_NAMES, check_model_name, load_model
 from ..evaluation.metrics_plot import plot_runs, read_metrics
 from ..models.stochastic_depth import ResidualGateMixin
 from . import time_budget
+from .progress import run_progress
 from ..ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_ranges, flag
 
 RECIPES = {
@@ -139,13 +141,12 @@ def choose_precision(amp: str, device: torch.device) -> tuple:
     """``(amp, why)``: the autocast actually used for ``--amp`` on ``device`` ('bf16' or 'none') and one line
     saying why. ``auto`` takes bf16 only where it is computed natively; an explicit bf16 is always honoured."""
     native = native_bf16(device)
+    if amp in ('auto', 'bf16') and native:
+        return 'bf16', f'precision: bf16 autocast ({native} computes bf16 natively)'
     if amp == 'auto':
-        if native:
-            return 'bf16', f'precision: bf16 autocast ({native} computes bf16 natively)'
         return 'none', f'precision: fp32 (bf16 would be emulated on this {device.type}, which is slower)'
-    if amp == 'bf16':
-        return 'bf16', 'precision: bf16 autocast' + ('' if native else f' (emulated on this {device.type}: '
-                                                                       f'expect it slower than fp32)')
+    if amp == 'bf16':  # a resumed run passes its recorded choice here, so it names the hardware as its start did
+        return 'bf16', f'precision: bf16 autocast (emulated on this {device.type}: expect it slower than fp32)'
     return 'none', 'precision: fp32'
 
 
@@ -542,6 +543,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if main:
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
+            _write_json(out / 'progress.json', run_progress(out))
             if improved:
                 save_weights(model, out / 'best.safetensors', cfg['model'], **weights_meta)
             if steps == steps_per_epoch:  # a cut-short epoch (--max-steps) cannot be resumed from
@@ -638,6 +640,7 @@ def _write_outputs(out: Path, model, summary: Dict, weights_meta: Dict, say) -> 
     """The final weights, the summary and the curves of a finished run."""
     save_weights(model, out / 'final.safetensors', summary['model'], **weights_meta)
     _write_json(out / 'summary.json', summary)
+    _write_json(out / 'progress.json', run_progress(out))
     try:
         plot_runs([out], out / 'curves.png')
     except ImportError as e:  # matplotlib is needed for the plot only, not for training
