@@ -3,7 +3,8 @@
 Exports the published weights (optionally depth-pruned) to fp32 ONNX, quantizes them as
 ``sd-zoo export --int8`` does (QDQ, per-channel int8 weights, uint8 activations, calibrated on
 training images), scores both graphs on the test split, and times them interleaved (median of repeats,
-one process, ``--threads`` intra-op threads for both).
+one process, ``--threads`` intra-op threads for both). With ``--keep-blocks`` the unpruned fp32 graph is
+timed in the same loop, the baseline of both pruned graphs.
 
     python benchmarks/bench_int8.py [--model sd_resnet20.c10j75] [--keep-blocks N] [--data cifar10-jpeg75]
                                     [--limit N] [--threads 1] [--repeats 300 --repeats-64 40]
@@ -38,17 +39,24 @@ def main():
         export_onnx(args.model, fp32, pretrained=True, keep_blocks=args.keep_blocks)
         quantize_int8(fp32, int8, args.data, args.calibration_images)
         report = compare_on_test(fp32, int8, args.data, args.limit, args.calibration_images)
-        sessions = {k: OnnxClassifier(p, threads=args.threads) for k, p in (('fp32', fp32), ('int8', int8))}
+        graphs = dict(fp32=fp32, int8=int8)
+        if args.keep_blocks:
+            graphs['full'] = Path(tmp) / 'full.onnx'
+            export_onnx(args.model, graphs['full'], pretrained=True)
+        sessions = {k: OnnxClassifier(p, threads=args.threads) for k, p in graphs.items()}
         print(f'{args.model}{f" pruned to {args.keep_blocks} blocks" if args.keep_blocks else ""}, ONNX Runtime '
               f'{onnxruntime.__version__} CPU, {args.threads} thread(s), load average '
               f'{os.getloadavg()[0]:.2f}')
-        print(f'{"batch":>5} {"fp32 ms":>9} {"int8 ms":>9} {"int8/fp32":>9}  repeats')
+        full_header = f' {"full fp32 ms":>12} {"fp32/full":>9} {"int8/full":>9}' if args.keep_blocks else ''
+        print(f'{"batch":>5} {"fp32 ms":>9} {"int8 ms":>9} {"int8/fp32":>9}{full_header}  repeats')
         rng = np.random.default_rng(0)
         for batch, repeats in ((1, args.repeats), (64, args.repeats_64)):
             x = rng.standard_normal((batch, 3, 32, 32), dtype=np.float32)
             times = time_interleaved({k: (lambda s=s: s(x)) for k, s in sessions.items()}, repeats)
-            fp, q = (1000 * float(np.median(times[k])) for k in ('fp32', 'int8'))
-            print(f'{batch:>5} {fp:>9.3f} {q:>9.3f} {q / fp:>9.3f}  {repeats}')
+            ms = {k: 1000 * float(np.median(t)) for k, t in times.items()}
+            fp, q = ms['fp32'], ms['int8']
+            full = f' {ms["full"]:>12.3f} {fp / ms["full"]:>9.3f} {q / ms["full"]:>9.3f}' if args.keep_blocks else ''
+            print(f'{batch:>5} {fp:>9.3f} {q:>9.3f} {q / fp:>9.3f}{full}  {repeats}')
     print(f'test top-1 error on {report.data} ({report.n} images): fp32 {report.fp32_top1_err:.2f}%, int8 '
           f'{report.int8_top1_err:.2f}% ({report.drop:+.2f} points); same class on {report.top1_agreement:.2f}%; '
           f'file {report.fp32_size_bytes / 2 ** 20:.2f} -> {report.size_bytes / 2 ** 20:.2f} MiB')
