@@ -21,6 +21,7 @@ import timm.data
 import timm.optim
 from sd_zoo import data
 from sd_zoo.training import train
+from sd_zoo.training.progress import run_progress
 from sd_zoo.errors import ConfigError
 from sd_zoo import load_model
 from sd_zoo.weights.checkpoint import read_metadata
@@ -116,6 +117,8 @@ def test_run_writes_all_outputs(runs):
     assert 0 < rows[0]['blocks_executed_measured'] <= model.num_blocks
     summary = json.loads((out / 'summary.json').read_text())
     assert summary == json.loads(json.dumps(summaries['sd']))
+    # The trainer's progress, from what it holds, is what sd-zoo progress reads back from the files.
+    assert json.loads((out / 'progress.json').read_text()) == json.loads(json.dumps(run_progress(out)))
     best = summary['best_val_epoch']
     assert summary['test_err_at_best_val'] == rows[best - 1]['test_err']
     assert summary['final_test_err'] == rows[-1]['test_err']

@@ -39,18 +39,22 @@ def estimate(rows: List[Dict], epochs: int, finished: bool) -> Dict:
         note=ESTIMATE_NOTE)
 
 
+def progress_record(run_dir, rows: List[Dict], epochs: int, finished: bool) -> Dict:
+    """:func:`estimate`, with the command that continues the run in ``run_dir`` while it is unfinished."""
+    progress = estimate(rows, epochs, finished)
+    if not finished:
+        progress['resume'] = f'sd-zoo train --resume --output {run_dir}'
+    return progress
+
+
 def run_progress(run_dir) -> Dict:
-    """:func:`estimate` for the training run in ``run_dir``, with the command that continues it."""
+    """:func:`progress_record` of the training run in ``run_dir``, read from its files."""
     run_dir = Path(run_dir)
     record_path = run_dir / 'run.json'
     if not record_path.is_file():
         raise ConfigError(f'{run_dir} has no run.json: give the --output folder of an sd-zoo train run')
     epochs = json.loads(record_path.read_text())['config']['epochs']
-    finished = (run_dir / 'summary.json').is_file()
-    progress = estimate(read_metrics(run_dir), epochs, finished)
-    if not finished:
-        progress['resume'] = f'sd-zoo train --resume --output {run_dir}'
-    return progress
+    return progress_record(run_dir, read_metrics(run_dir), epochs, (run_dir / 'summary.json').is_file())
 
 
 def describe(progress: Dict) -> str:

@@ -49,7 +49,7 @@ from ..weights.loader import MODEL_ARG_NAMES, check_model_name, load_model
 from ..evaluation.metrics_plot import plot_runs, read_metrics
 from ..models.stochastic_depth import ResidualGateMixin
 from . import time_budget
-from .progress import run_progress
+from .progress import progress_record
 from ..ranges import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_ranges, flag
 
 RECIPES = {
@@ -543,7 +543,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if main:
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
-            _write_json(out / 'progress.json', run_progress(out))
+            _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=False))
             if improved:
                 save_weights(model, out / 'best.safetensors', cfg['model'], **weights_meta)
             if steps == steps_per_epoch:  # a cut-short epoch (--max-steps) cannot be resumed from
@@ -563,6 +563,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     summary = _summary(cfg, info, history, best, step, elapsed, model, budget, started)
     if main:
         _write_outputs(out, model, summary, weights_meta, say)
+        _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=True))
     if cfg['debug_dump']:
         _write_debug_dump(Path(cfg['debug_dump']), rank, world_size, gates_log, model)
     if world_size > 1:
@@ -640,7 +641,6 @@ def _write_outputs(out: Path, model, summary: Dict, weights_meta: Dict, say) -> 
     """The final weights, the summary and the curves of a finished run."""
     save_weights(model, out / 'final.safetensors', summary['model'], **weights_meta)
     _write_json(out / 'summary.json', summary)
-    _write_json(out / 'progress.json', run_progress(out))
     try:
         plot_runs([out], out / 'curves.png')
     except ImportError as e:  # matplotlib is needed for the plot only, not for training
