@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import torch
 
@@ -450,6 +451,20 @@ def test_check_passes_a_fresh_folder(built, capsys, own_manifest):
     assert f'{built[1]}: ok' in capsys.readouterr().out
 
 
+def test_check_limit_zero_evaluates_every_test_image(built, monkeypatch, own_manifest):
+    """No --limit: the card's own images; --limit 0: all of them, as everywhere else."""
+    need_data()
+    measure, measured = hub.measure, []
+
+    def spy(model, data_name, limit=None):
+        fresh = measure(model, data_name, limit)
+        measured.append((limit, fresh['num_images']))
+        return fresh
+    monkeypatch.setattr(hub, 'measure', spy)
+    assert hub.check(built[1]) == [] and hub.check(built[1], limit=0) == []
+    assert measured == [(LIMIT, LIMIT), (None, 10000)]
+
+
 def test_a_folder_named_as_a_published_tag_must_hold_its_published_weights_wherever_it_lives(folder, capsys):
     """Pushed, it would replace the weights that the packaged published.json vouches for under that name."""
     recorded, sha = pretrained.load_manifest()[NAME]['sha256'], hub.sha256_file(folder / 'model.safetensors')
@@ -523,6 +538,19 @@ def test_check_catches_a_wrong_metric(folder):
     assert any(f'top1_error {wrong} in the card, but a fresh evaluation on the same images gives {err}' in p
                for p in problems), problems
     assert not [p for p in problems if 'do not add up' in p]
+
+
+@pytest.mark.parametrize('pct, n_card, n_fresh', [(54.0, 100, 10000), (8.0, 10000, 500), (30.0, 200, 300)])
+def test_check_tolerance_is_four_standard_deviations_of_the_difference(pct, n_card, n_fresh):
+    """Errors measured on two independent samples of the sizes given: 4 sd is almost never exceeded, 2 sd
+    (half the band) about 4.6 % of the time, whichever of the two samples is the small one."""
+    tol = hub._metric_tolerance(pct, n_card, n_fresh, same_images=False) - 0.005
+    assert tol == pytest.approx(hub._metric_tolerance(pct, n_fresh, n_card, same_images=False) - 0.005)
+    rng = np.random.default_rng(0)
+    card, fresh = (rng.binomial(n, pct / 100, 200_000) / n for n in (n_card, n_fresh))
+    diff = 100 * (card - fresh)
+    assert np.mean(np.abs(diff) > tol) < 1e-3 and 0.03 < np.mean(np.abs(diff) > tol / 2) < 0.065
+    assert hub._metric_tolerance(pct, n_card, n_fresh, same_images=True) < 0.0051
 
 
 def test_check_catches_config_that_disagrees_with_the_registry(folder):

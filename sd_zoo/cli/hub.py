@@ -97,7 +97,8 @@ def add_parser(subparsers) -> None:
     c.add_argument('folders', nargs='*', metavar='FOLDER', help='default: every folder in hub_configs/')
     c.add_argument('--skip-eval', action='store_true', help='do not re-measure the card\'s metrics (large models)')
     add_number(c, '--limit', bound=NON_NEGATIVE, metavar='N',
-               help='evaluate a class-balanced subset of N test images (compared within sampling error)')
+               help="evaluate a class-balanced subset of N test images, compared within sampling error "
+                    "(default: the card's own images; 0 for all)")
     c.set_defaults(func=run_check)
 
     u = sub.add_parser('push', help='upload a hub folder with huggingface_hub')

@@ -283,13 +283,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _metric_tolerance(card_pct: float, n_fresh: Optional[int], same_images: bool) -> float:
-    """Rounding only when the same images were scored; else also 4 binomial standard deviations."""
+def _metric_tolerance(card_pct: float, n_card: Optional[int], n_fresh: Optional[int], same_images: bool) -> float:
+    """Rounding only when the same images were scored; else also 4 standard deviations of the difference
+    between the card's error (on ``n_card`` images, when the card says) and the fresh one."""
     rounding = 0.005 + 1e-6
     if same_images or not n_fresh:
         return rounding
     p = min(max(card_pct / 100, 1e-3), 1 - 1e-3)
-    return rounding + 400 * math.sqrt(p * (1 - p) / n_fresh)
+    return rounding + 400 * math.sqrt(p * (1 - p) * (1 / n_fresh + (1 / n_card if n_card else 0)))
 
 
 def _check_files(folder: Path) -> List[str]:
@@ -393,23 +394,24 @@ def _check_card(folder: Path, name: str, sha256: Optional[str]):
 def _check_metrics(model, card, limit: Optional[int]) -> List[str]:
     """The card's metrics against a fresh evaluation of the weights."""
     block = card.data.to_dict().get('sd_zoo') or {}
-    card_limit = (block.get('eval') or {}).get('limit')
+    card_eval = block.get('eval') or {}
     metrics = card_metrics(card)
     if not metrics or not block.get('data'):
         return []
-    limit = limit or card_limit
+    limit = card_eval.get('limit') if limit is None else limit or None  # 0: every test image
     try:
         fresh = measure(model, block['data'], limit)
     except SDZooError as e:
         return [f'cannot evaluate ({e}); pass --skip-eval to check the rest']
-    same_images = limit == card_limit
+    same_images = limit == card_eval.get('limit')
     problems = []
     for metric, value in expected_metrics(fresh).items():
         if metric not in metrics:
             continue
-        tol = _metric_tolerance(metrics[metric], fresh['num_images'], same_images)
+        tol = _metric_tolerance(metrics[metric], card_eval.get('num_images'), fresh['num_images'], same_images)
         if abs(metrics[metric] - value) > tol:
-            where = 'the same images' if same_images else f'a subset of {fresh["num_images"]} images'
+            where = 'the same images' if same_images else \
+                f"{fresh['num_images']} images (the card's on {card_eval.get('num_images') or 'an unstated number'})"
             problems.append(f'README.md: {metric} {metrics[metric]} in the card, but a fresh evaluation on '
                             f'{where} gives {value} (tolerance {tol:.3f})')
     return problems

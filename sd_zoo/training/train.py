@@ -270,12 +270,16 @@ def _checkpoint_to_resume(path: Path) -> Dict:
     return ckpt
 
 
-def _resumed_config(config: Dict, record: Dict) -> Dict:
+def _resumed_config(config: Dict, record: Dict, plan: Optional[Dict]) -> Dict:
     """The settings of a resumed run: the run's own ``record``, then each one given (not None) over it.
-    A time-budgeted run keeps the epochs and warm-up it chose when it started."""
+
+    A time-budgeted run (``plan``) keeps the epochs and warm-up it chose when it started: given as first
+    asked for (the same command again), they are taken as the run's; any other value stays, to be refused."""
     given = {k: v for k, v in config.items() if v is not None}
-    if record.get('time_budget'):
-        given = {k: v for k, v in given.items() if k not in ('epochs', 'warmup_epochs')}
+    if plan:
+        scale = plan['max_epochs'] / plan['epochs']
+        asked = dict(epochs=plan['max_epochs'], warmup_epochs=record['warmup_epochs'] * scale)
+        given = {k: v for k, v in given.items() if not (k in asked and math.isclose(v, asked[k]))}
     return dict(record, **given)
 
 
@@ -397,7 +401,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     ckpt_path = out / 'checkpoint.pt'
     ckpt = _checkpoint_to_resume(ckpt_path) if cfg['resume'] else None
     if ckpt:
-        cfg = resolve_config(_resumed_config(config, ckpt['config']))
+        cfg = resolve_config(_resumed_config(config, ckpt['config'], ckpt.get('time_budget')))
     check_model_name(cfg['model'])
     if cfg['init_weights'] and not Path(cfg['init_weights']).is_file():
         raise ConfigError(f"--init-weights {cfg['init_weights']}: no such file")
