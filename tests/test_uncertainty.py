@@ -45,6 +45,22 @@ def test_metrics_match_a_direct_computation_on_hand_made_probabilities():
     assert uncertainty.error_at_coverage(PROBS, LABELS, 0.6) == pytest.approx(100 / 3)
 
 
+def test_low_coverage_errors_count_the_most_confident_images_only():
+    """200 images, confidence falling with the index: 1 % is the top 2, 10 % the top 20, 20 % the top 40."""
+    conf = torch.linspace(0.99, 0.51, 200, dtype=torch.float64)
+    probs = torch.stack([conf, 1 - conf], dim=1)
+    wrong = torch.zeros(200, dtype=torch.bool)
+    wrong[[1, 5, 6, 30, 170]] = True  # one in the top 2, three in the top 20, four in the top 40 and 160
+    labels = wrong.long()  # class 0 is predicted everywhere, so label 1 marks a wrong answer
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))  # the input order must not matter
+    m = uncertainty.calibration_metrics(probs[order], labels[order])
+    assert m['err_at_1_coverage'] == pytest.approx(100 * 1 / 2)
+    assert m['err_at_10_coverage'] == pytest.approx(100 * 3 / 20)
+    assert m['err_at_20_coverage'] == pytest.approx(100 * 4 / 40)
+    assert m['err_at_80_coverage'] == pytest.approx(100 * 4 / 160)
+    assert m['top1_err'] == pytest.approx(100 * 5 / 200)
+
+
 def test_ece_is_zero_when_confidence_equals_accuracy_per_bin():
     # Every image has confidence 0.75; 3 of 4 are right.
     probs = torch.tensor([[0.75, 0.25]] * 4, dtype=torch.float64)
@@ -218,7 +234,8 @@ def test_eval_mc_samples_prints_the_three_rows_json_and_plot(jpeg_data, tmp_path
     result = json.loads(out[-1])
     assert (result['samples'], result['n'], result['model'], result['data']) == (2, 100, 'sd_resnet20.c10j75',
                                                                                  'cifar10-jpeg75')
-    keys = {'top1_err', 'nll', 'brier', 'ece', 'err_at_90_coverage', 'err_at_80_coverage', 'aurc'}
+    keys = {'top1_err', 'nll', 'brier', 'ece', 'err_at_90_coverage', 'err_at_80_coverage', 'err_at_20_coverage',
+            'err_at_10_coverage', 'err_at_1_coverage', 'aurc'}
     for row in ('deterministic', 'temperature_scaled', 'mc'):
         assert set(result[row]) == keys
         assert 0 <= result[row]['ece'] <= 100 and 0 <= result[row]['brier'] <= 2 and result[row]['nll'] > 0

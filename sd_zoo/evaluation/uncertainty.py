@@ -8,8 +8,8 @@ as in training (the model's own gate and rule), so for every block the mean pre-
 is the expected-value net's. A constant-depth model (every p_l = 1) gives N identical passes.
 
 :func:`calibration_metrics` scores any class probabilities: top-1 error, NLL, Brier score, expected
-calibration error (15 equal-width bins), error on the most confident 90 % / 80 % of images, and the area
-under the risk-coverage curve. :func:`calibration_report` compares the expected-value net, the same net
+calibration error (15 equal-width bins), the error on the most confident 90, 80, 20, 10 and 1 % of the
+images, and the area under the risk-coverage curve. :func:`calibration_report` compares the expected-value net, the same net
 with a temperature fitted on validation images held out of the training split, and the N-sample depth
 ensemble; ``sd-zoo eval --mc-samples N`` prints it.
 """
@@ -30,7 +30,9 @@ from .evaluate import check_model_fits, load_eval_split, model_logits_fn
 from ..models.stochastic_depth import StochasticDepth, check_gate_generator
 
 ECE_BINS = 15
-COVERAGES = (0.9, 0.8)
+# Shares of the most confident images to report the error on: the high ones say what abstaining on a few
+# images buys; the low ones whether the net is wrong where it is surest, which the AURC averages away.
+COVERAGES = (0.9, 0.8, 0.2, 0.1, 0.01)
 # The model's own attributes that gate planning writes (the planning generator, the last batch's gates).
 _MODEL_GATE_ATTRS = ('_gate_generator', '_last_gates')
 
@@ -264,13 +266,14 @@ _ROWS = (('deterministic', 'expected-value net'), ('temperature_scaled', 'temper
 
 def format_report(report: Dict[str, object], title: str) -> str:
     """The comparison as a plain-text table."""
-    lines = [title,
-             f'{"":<22}{"top-1 err":>10}{"NLL":>8}{"Brier":>8}{"ECE":>8}{"err@90%":>9}{"err@80%":>9}{"AURC":>8}']
+    coverages = [round(100 * c) for c in COVERAGES]
+    lines = [title, f'{"":<22}{"top-1 err":>10}{"NLL":>8}{"Brier":>8}{"ECE":>8}'
+                    + ''.join(f'{f"err@{c}%":>9}' for c in coverages) + f'{"AURC":>8}']
     for key, label in _ROWS:
         m = report[key]
         label = f'{label} ({report["samples"]})' if key == 'mc' else label
         lines.append(f'{label:<22}{m["top1_err"]:>9.2f}%{m["nll"]:>8.4f}{m["brier"]:>8.4f}{m["ece"]:>7.2f}%'
-                     f'{m["err_at_90_coverage"]:>8.2f}%{m["err_at_80_coverage"]:>8.2f}%{m["aurc"]:>8.4f}')
+                     + ''.join(f'{m[f"err_at_{c}_coverage"]:>8.2f}%' for c in coverages) + f'{m["aurc"]:>8.4f}')
     mi = ['none' if v is None else f'{v:.4f}' for v in (report['uncertainty'][f'mutual_info_{k}']
                                                            for k in ('correct', 'wrong'))]
     lines.append(f'temperature T = {report["temperature"]:.4f} (fitted on {report["val_n"]} validation images '
