@@ -276,6 +276,23 @@ def test_prune_curve_cli(tmp_path, capsys, monkeypatch):
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b'\x89PNG'
 
 
+def test_error_labels_skip_only_points_whose_label_would_cover_another():
+    from matplotlib.figure import Figure
+    from sd_zoo.deploy.prune_curve import label_errors
+
+    dense = [dict(blocks=b, top1_err=10.0) for b in (54, 53, 52)]  # one block apart, the same error
+    sparse = [dict(blocks=b, top1_err=e) for b, e in ((54, 10.5), (30, 50.0), (3, 90.0))]
+    ax = Figure(figsize=(13, 4)).subplots(1, 3)[0]
+    lines = [ax.plot([r['blocks'] for r in c], [r['top1_err'] for r in c])[0] for c in (dense, sparse)]
+    labelled = label_errors(ax, {'dense': dense, 'sparse': sparse})
+    # Both full nets keep a label though their points coincide: the second goes below its point. Blocks 53
+    # and 52 of the dense curve would cover those two labels both above and below, so they get none.
+    assert labelled == [dense[0], sparse[0], sparse[1], sparse[2]]
+    assert [t.get_text() for t in ax.texts] == ['10.0', '10.5', '50.0', '90.0']
+    assert [t.xyann[1] > 0 for t in ax.texts] == [True, False, True, True]
+    assert [t.get_color() for t in ax.texts] == [lines[0].get_color()] + [lines[1].get_color()] * 3
+
+
 # --- User errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('keep,order,message', [

@@ -103,6 +103,38 @@ def pruning_table(model: nn.Module, data_name: str, order='survival', limit: Opt
     return measure_curves({'model': model}, data_name, order, limit, blocks=picked, progress=progress)['model']
 
 
+# A label's box as a share of the axes (four characters at font size 7 on a 4-inch-wide panel), and the
+# offsets from its point to try, in points: above, then below.
+_LABEL_BOX = (0.07, 0.05)
+_LABEL_OFFSETS = (7, -7)
+
+
+def label_errors(ax, curves: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Write each point's error beside it, in its line's colour, on the blocks-kept panel: above the point,
+    else below it, else not at all where both would cover a label already written (a dense run of depths).
+    Call after plotting the lines, one per curve in order. Returns the rows labelled, in the order written."""
+    xs = [r['blocks'] for curve in curves.values() for r in curve]
+    ys = [r['top1_err'] for curve in curves.values() for r in curve]
+    x_span, y_span = max(max(xs) - min(xs), 1), max(max(ys) - min(ys), 1e-9)
+    axes_height_pt = ax.get_position().height * ax.figure.get_figheight() * 72
+    colours = [line.get_color() for line in ax.get_lines()]
+    # Row by row across the curves, so that every curve's first row (the full net) gets its label.
+    rows = sorted(((j, i, r) for i, curve in enumerate(curves.values()) for j, r in enumerate(curve)),
+                  key=lambda t: t[:2])
+    placed, labelled = [], []
+    for _, i, r in rows:
+        for offset in _LABEL_OFFSETS:
+            box = ((r['blocks'] - min(xs)) / x_span, (r['top1_err'] - min(ys)) / y_span + offset / axes_height_pt)
+            if all(abs(box[0] - b[0]) >= _LABEL_BOX[0] or abs(box[1] - b[1]) >= _LABEL_BOX[1] for b in placed):
+                placed.append(box)
+                labelled.append(r)
+                ax.annotate(f'{r["top1_err"]:.1f}', (r['blocks'], r['top1_err']), textcoords='offset points',
+                            xytext=(0, offset), ha='center', va='bottom' if offset > 0 else 'top', fontsize=7,
+                            color=colours[i])
+                break
+    return labelled
+
+
 def plot_curves(curves: Dict[str, List[Dict[str, Any]]], path, title: str = '') -> Path:
     """Test error against blocks kept and against ONNX Runtime CPU latency (batch 1 and 64), one line per model."""
     from matplotlib.figure import Figure
@@ -114,10 +146,9 @@ def plot_curves(curves: Dict[str, List[Dict[str, Any]]], path, title: str = '') 
     for ax, (key, label) in zip(axes, x_keys):
         for name, curve in curves.items():
             ax.plot([r[key] for r in curve], [r['top1_err'] for r in curve], marker='o', label=name)
-            if key == 'blocks':
-                for r in curve:
-                    ax.annotate(f'{r["top1_err"]:.1f}', (r['blocks'], r['top1_err']), textcoords='offset points',
-                                xytext=(0, 5), ha='center', fontsize=7)
+        if key == 'blocks':
+            label_errors(ax, curves)
+        ax.margins(y=0.1)  # room for the labels above the highest and below the lowest point
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test top-1 error (%)')
