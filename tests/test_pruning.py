@@ -293,6 +293,27 @@ def test_error_labels_skip_only_points_whose_label_would_cover_another():
     assert [t.get_color() for t in ax.texts] == [lines[0].get_color()] + [lines[1].get_color()] * 3
 
 
+def test_prune_curve_replot_draws_the_saved_curves_without_measuring(tmp_path, monkeypatch):
+    import sd_zoo.cli.prune_curve as cli_pc
+
+    rows = [dict(blocks=b, top1_err=e, macs=1e6 * b, latency_ms_bs1=0.1 * b, latency_ms_bs64=5.0 * b, kept=[0])
+            for b, e in ((9, 8.5), (5, 30.0), (3, 70.0))]
+    saved = dict(curves={'a': rows, 'b': rows[::2]}, data='cifar10', split='test', images=None,
+                 prune_order=[8, 7, 5], threads=1)
+    # The whole output of a --json run: the table first, the JSON object last.
+    output = tmp_path / 'prune.out'
+    output.write_text('CIFAR-10 test split ...\nmodel  blocks ...\n' + json.dumps(saved) + '\n')
+    drawn = []
+    real = cli_pc.plot_curves
+    monkeypatch.setattr(cli_pc, 'plot_curves', lambda c, path, title: drawn.append((c, title)) or real(c, path, title))
+    monkeypatch.setattr(cli_pc, 'measure_curves', lambda *a, **k: pytest.fail('--replot measured'))
+    plot = tmp_path / 'curve.png'
+    assert main(['prune-curve', '--replot', str(output), '--plot', str(plot)]) == 0
+    assert drawn == [(saved['curves'], f'Depth pruning, explicit order; {data.dataset_info("cifar10").title}, '
+                                      f'test split')]
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b'\x89PNG'
+
+
 # --- User errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('keep,order,message', [
