@@ -115,7 +115,8 @@ def label_errors(ax, curves: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, 
     Call after plotting the lines, one per curve in order. Returns the rows labelled, in the order written."""
     xs = [r['blocks'] for curve in curves.values() for r in curve]
     ys = [r['top1_err'] for curve in curves.values() for r in curve]
-    x_span, y_span = max(max(xs) - min(xs), 1), max(max(ys) - min(ys), 1e-9)
+    x0, y0 = min(xs), min(ys)
+    x_span, y_span = max(max(xs) - x0, 1), max(max(ys) - y0, 1e-9)
     axes_height_pt = ax.get_position().height * ax.figure.get_figheight() * 72
     colours = [line.get_color() for line in ax.get_lines()]
     # Row by row across the curves, so that every curve's first row (the full net) gets its label.
@@ -124,7 +125,7 @@ def label_errors(ax, curves: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, 
     placed, labelled = [], []
     for _, i, r in rows:
         for offset in _LABEL_OFFSETS:
-            box = ((r['blocks'] - min(xs)) / x_span, (r['top1_err'] - min(ys)) / y_span + offset / axes_height_pt)
+            box = ((r['blocks'] - x0) / x_span, (r['top1_err'] - y0) / y_span + offset / axes_height_pt)
             if all(abs(box[0] - b[0]) >= _LABEL_BOX[0] or abs(box[1] - b[1]) >= _LABEL_BOX[1] for b in placed):
                 placed.append(box)
                 labelled.append(r)

@@ -9,8 +9,8 @@ is the expected-value net's. A constant-depth model (every p_l = 1) gives N iden
 
 :func:`calibration_metrics` scores any class probabilities: top-1 error, NLL, Brier score, expected
 calibration error (15 equal-width bins), the error on the most confident 90, 80, 20, 10 and 1 % of the
-images, and the area under the risk-coverage curve. :func:`calibration_report` compares the expected-value net, the same net
-with a temperature fitted on validation images held out of the training split, and the N-sample depth
+images, and the area under the risk-coverage curve. :func:`calibration_report` compares the expected-value
+net, the same net with a temperature fitted on validation images held out of the training split, and the N-sample depth
 ensemble; ``sd-zoo eval --mc-samples N`` prints it.
 """
 import math
@@ -152,7 +152,10 @@ def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def error_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float) -> float:
     """Top-1 error (percent) on the most confident ``coverage`` share of the images (rounded up to whole images)."""
-    risk = risk_coverage(probs, labels)
+    return _risk_at(risk_coverage(probs, labels), coverage)
+
+
+def _risk_at(risk: torch.Tensor, coverage: float) -> float:
     keep = max(1, math.ceil(round(coverage * len(risk), 6)))  # the inner round: 0.9 * 10 is 9.000000000000002
     return float(100 * risk[keep - 1])
 
@@ -169,9 +172,10 @@ def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, 
                   nll=float(-p_true.clamp_min(torch.finfo(torch.float64).tiny).log().mean()),
                   brier=float((probs - F.one_hot(labels, probs.shape[1])).square().sum(dim=1).mean()),
                   ece=expected_calibration_error(probs, labels))
+    risk = risk_coverage(probs, labels)  # one sort serves every coverage and the AURC
     for c in COVERAGES:
-        result[f'err_at_{round(100 * c)}_coverage'] = error_at_coverage(probs, labels, c)
-    result['aurc'] = float(risk_coverage(probs, labels).mean())
+        result[f'err_at_{round(100 * c)}_coverage'] = _risk_at(risk, c)
+    result['aurc'] = float(risk.mean())
     return result
 
 
