@@ -7,7 +7,7 @@ one process, ``--threads`` intra-op threads for both). With ``--keep-blocks`` th
 timed in the same loop, the baseline of both pruned graphs.
 
     python benchmarks/bench_int8.py [--model sd_resnet20.c10j75] [--keep-blocks N] [--data cifar10-jpeg75]
-                                    [--limit N] [--threads 1] [--repeats 300 --repeats-64 40]
+                                    [--limit N] [--threads 1] [--repeats 300 --repeats-64 40] [--weight-bits 7]
 """
 import argparse
 import os
@@ -19,7 +19,17 @@ import onnxruntime
 
 from sd_zoo.deploy.onnx_export import export_onnx
 from sd_zoo.deploy.onnx_runtime import OnnxClassifier, time_interleaved
-from sd_zoo.deploy.quantize import compare_on_test, quantize_int8
+from sd_zoo.deploy.quantize import DEFAULT_WEIGHT_BITS, WEIGHT_BITS, compare_on_test, quantize_int8
+
+
+def cpu_int8_dot() -> str:
+    """Whether this x86 CPU has VNNI, without which 8-bit int8 weights saturate (see sd_zoo.deploy.quantize)."""
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+        flags = next(line for line in lines if line.startswith('flags')).split()
+    except (OSError, StopIteration):
+        return 'VNNI unknown'
+    return 'VNNI' if {'avx512_vnni', 'avx_vnni', 'amx_int8'} & set(flags) else 'no VNNI'
 
 
 def main():
@@ -29,6 +39,8 @@ def main():
     parser.add_argument('--data', default='cifar10-jpeg75')
     parser.add_argument('--limit', type=int, help='test images scored (default: the whole split)')
     parser.add_argument('--calibration-images', type=int, default=512)
+    parser.add_argument('--weight-bits', type=int, choices=WEIGHT_BITS, default=DEFAULT_WEIGHT_BITS,
+                        help='as sd-zoo export --int8-weight-bits')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=300, help='timed calls at batch 1')
     parser.add_argument('--repeats-64', type=int, default=40, help='timed calls at batch 64')
@@ -37,7 +49,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / 'fp32.onnx', Path(tmp) / 'int8.onnx'
         export_onnx(args.model, fp32, pretrained=True, keep_blocks=args.keep_blocks)
-        quantize_int8(fp32, int8, args.data, args.calibration_images)
+        quantize_int8(fp32, int8, args.data, args.calibration_images, weight_bits=args.weight_bits)
         report = compare_on_test(fp32, int8, args.data, args.limit, args.calibration_images)
         graphs = dict(fp32=fp32, int8=int8)
         if args.keep_blocks:
@@ -45,8 +57,8 @@ def main():
             export_onnx(args.model, graphs['full'], pretrained=True)
         sessions = {k: OnnxClassifier(p, threads=args.threads) for k, p in graphs.items()}
         print(f'{args.model}{f" pruned to {args.keep_blocks} blocks" if args.keep_blocks else ""}, ONNX Runtime '
-              f'{onnxruntime.__version__} CPU, {args.threads} thread(s), load average '
-              f'{os.getloadavg()[0]:.2f}')
+              f'{onnxruntime.__version__} CPU ({cpu_int8_dot()}), {args.threads} thread(s), {args.weight_bits}-bit '
+              f'int8 weights, load average {os.getloadavg()[0]:.2f}')
         full_header = f' {"full fp32 ms":>12} {"fp32/full":>9} {"int8/full":>9}' if args.keep_blocks else ''
         print(f'{"batch":>5} {"fp32 ms":>9} {"int8 ms":>9} {"int8/fp32":>9}{full_header}  repeats')
         rng = np.random.default_rng(0)

@@ -171,6 +171,7 @@ def main(argv=None) -> int:
             report_ = export_onnx(model, tmp / f'{model_name}_{precision}.onnx', fp16=precision == 'fp16')
             files[precision] = report_.path
             info[precision] = dict(exporter=report_.exporter, probe_max_abs_diff=report_.max_abs_diff,
+                                   probe_tolerance=report_.tolerance, probe_logit_scale=report_.logit_scale,
                                    size_mb=report_.size_bytes / 2 ** 20, ops=report_.op_counts)
         return info
     report.section('export', export_all)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sd_zoo import data
+from sd_zoo.deploy.onnx_export import FP32_RTOL
 
 from conftest import need_data
 
@@ -77,7 +78,10 @@ def test_dry_run_runs_the_whole_path_and_obeys_the_limits(tmp_path):
         assert model.num_classes == data.num_classes(dataset) and model.sd_config()['drop_path_rate'] == rate
 
     inference = lease['inference']
-    assert inference['export']['fp32']['probe_max_abs_diff'] < 1e-4
+    # The export's own parity check (a fraction of the logit scale: the kernels, hence the last bits, differ by CPU).
+    fp32 = inference['export']['fp32']
+    assert fp32['probe_tolerance'] == pytest.approx(FP32_RTOL * max(1.0, fp32['probe_logit_scale']))
+    assert 0 <= fp32['probe_max_abs_diff'] <= fp32['probe_tolerance']
     for bs in inference['batch_sizes']:
         assert inference['torch_latency'][str(bs)]['median_ms']['torch_eager_fp32'] > 0
         assert inference['ort_cpu_latency'][str(bs)]['median_ms']['ort_cpu_fp32'] > 0

@@ -7,7 +7,8 @@ from typing import Union
 
 from ..deploy import onnx_export
 from ..deploy.onnx_export import EXPORTERS, MIN_OPSET, export_onnx
-from ..deploy.quantize import CALIBRATION_IMAGES, export_int8
+from ..deploy.quantize import CALIBRATION_IMAGES, DEFAULT_WEIGHT_BITS, WEIGHT_BITS, export_int8
+from ..errors import ConfigError
 from ..ranges import COUNT
 from .args import add_model_arguments, add_number, model_args_of, parse_order
 
@@ -48,18 +49,28 @@ def add_parser(subparsers) -> None:
     g.add_argument('--int8', action='store_true', help='int8 static quantization (QDQ, per-channel weights)')
     g.add_argument('--calibration', metavar='DATA', help='training data for --int8 calibration and the importance '
                                                          'order (default for importance: what the weights saw)')
-    add_number(g, '--calibration-images', bound=COUNT, default=CALIBRATION_IMAGES, metavar='N',
-               help='training images that calibrate --int8 (default %(default)s)')
+    add_number(g, '--calibration-images', bound=COUNT, metavar='N',
+               help=f'training images that calibrate --int8 (default {CALIBRATION_IMAGES})')
+    g.add_argument('--int8-weight-bits', type=int, choices=WEIGHT_BITS,
+                   help=f'range of the int8 weights (default {DEFAULT_WEIGHT_BITS}): 7 runs exactly and fast on every '
+                        'x86 CPU; 8 is for CPUs with VNNI and ARM (x86 CPUs without VNNI saturate it unless ONNX '
+                        'Runtime\'s session.x64quantprecision is set)')
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    int8_only = [flag for flag, value in (('--calibration-images', args.calibration_images),
+                                          ('--int8-weight-bits', args.int8_weight_bits)) if value is not None]
+    if int8_only and not args.int8:
+        raise ConfigError(f'{" and ".join(int8_only)} {"apply" if len(int8_only) > 1 else "applies"} to int8 '
+                          f'quantization only: add --int8')
     export = partial(
         export_onnx, args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
         model_args=model_args_of(args), opset=args.opset, fp16=args.fp16, batch=args.batch, exporter=args.exporter,
         keep_blocks=args.keep_blocks, prune_order=args.prune_order, prune_data=args.calibration)
     if args.int8:
-        report, int8 = export_int8(export, args.output, args.calibration, args.calibration_images, fp16=args.fp16)
+        report, int8 = export_int8(export, args.output, args.calibration, args.calibration_images or CALIBRATION_IMAGES,
+                                   fp16=args.fp16, weight_bits=args.int8_weight_bits or DEFAULT_WEIGHT_BITS)
     else:
         report, int8 = export(args.output), None
     print(report.summary())

@@ -8,6 +8,12 @@ provider fuses every Conv and Add of a uint8-activation graph into QLinearConv /
 activations it left 12 of sd_resnet20's 21 convolutions in float and ran slower than fp32.
 :func:`compare_on_test` then scores both graphs on the test split; :meth:`Int8Report.summary` warns, with
 the number, when int8 loses more than ``LARGE_DROP`` points.
+
+Weights stay within +-64 by default (``weight_bits=7``, ONNX Runtime's ``reduce_range``): x86 CPUs without VNNI
+(AVX2, early AVX-512) add pairs of uint8 x int8 products in 16 bits, which saturate for 8-bit weights and
+silently changed 8 % of sd_resnet20's predictions on such a CPU (ONNX Runtime's ``session.x64quantprecision``,
+which :class:`OnnxClassifier` sets, computes them exactly there, but barely faster than fp32); 7-bit weights
+cannot saturate and keep int8's speed. ``weight_bits=8`` is for CPUs with VNNI and for ARM.
 """
 import logging
 import os
@@ -25,6 +31,8 @@ from .onnx_runtime import OnnxClassifier, import_onnxruntime, normalize_uint8
 from .onnx_validate import check_fits_dataset
 
 CALIBRATION_IMAGES = 512
+WEIGHT_BITS = (7, 8)
+DEFAULT_WEIGHT_BITS = 7  # exact on every x86 CPU (the module's docstring says why)
 CALIBRATION_BATCH = 64
 # Top-1 error increase (percentage points) above which the export prints a warning.
 LARGE_DROP = 1.0
@@ -55,15 +63,15 @@ class ImageCalibrationReader:
         self.batches_left = iter(self.batches)
 
 
-def _copy_metadata(fp32_path: Path, int8_path: Path, calibration: Dict[str, Any]) -> None:
+def _copy_metadata(fp32_path: Path, int8_path: Path, weight_bits: int, calibration: Dict[str, Any]) -> None:
     """The fp32 file's ``sd_zoo.*`` metadata, with the precision and the calibration recorded."""
     import onnx
 
     src, dst = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
     meta = decode_metadata({p.key: p.value for p in src.metadata_props})
     meta.update(precision='int8', quantization=dict(
-        format='QDQ', weights='int8, one scale per output channel', activations='uint8', calibration='MinMax',
-        **calibration))
+        format='QDQ', weights=f'int8 in a {weight_bits}-bit range, one scale per output channel',
+        weight_bits=weight_bits, activations='uint8', calibration='MinMax', **calibration))
     set_onnx_metadata(dst, meta)
     dst.doc_string = src.doc_string + ' (int8)'
     onnx.save(dst, str(int8_path))
@@ -82,12 +90,20 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def check_weight_bits(weight_bits: int) -> None:
+    if weight_bits not in WEIGHT_BITS:
+        raise ConfigError(f'int8 weight bits must be 7 (any CPU) or 8 (CPUs with VNNI, ARM), got {weight_bits!r}')
+
+
 def quantize_int8(fp32_path: Union[str, os.PathLike], output: Union[str, os.PathLike], data: Optional[str],
-                  num_images: int = CALIBRATION_IMAGES, images: Optional[np.ndarray] = None) -> Path:
+                  num_images: int = CALIBRATION_IMAGES, images: Optional[np.ndarray] = None,
+                  weight_bits: int = DEFAULT_WEIGHT_BITS) -> Path:
     """Write the int8 (QDQ, per-channel) version of an sd-zoo fp32 ONNX file, calibrated on ``data``'s training images.
 
-    ``images`` passes the calibration images if :func:`calibration_images` already read them.
+    ``images`` passes the calibration images if :func:`calibration_images` already read them; ``weight_bits``
+    (7 or 8) is the range the int8 weights use (see the module's docstring).
     """
+    check_weight_bits(weight_bits)
     import_onnxruntime()  # its install hint, before the quantization tool's bare ImportError
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -102,9 +118,10 @@ def quantize_int8(fp32_path: Union[str, os.PathLike], output: Union[str, os.Path
         with _quiet_root_logger():
             quantize_static(
                 str(fp32_path), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=weight_bits == 7,
                 calibrate_method=CalibrationMethod.MinMax)
-        _copy_metadata(Path(fp32_path), tmp, dict(data=data, images=int(len(images)), split='train (45k part)'))
+        _copy_metadata(Path(fp32_path), tmp, weight_bits,
+                       dict(data=data, images=int(len(images)), split='train (45k part)'))
         OnnxClassifier(tmp, threads=1)  # ONNX Runtime loads it, or this raises ExportError
 
     output = Path(output)
@@ -166,7 +183,8 @@ def compare_on_test(fp32_path: Union[str, os.PathLike], int8_path: Union[str, os
 
 
 def export_int8(export: Callable[[Path], Any], output: Union[str, os.PathLike], data: Optional[str],
-                num_images: int = CALIBRATION_IMAGES, fp16: bool = False, limit: Optional[int] = None):
+                num_images: int = CALIBRATION_IMAGES, fp16: bool = False, limit: Optional[int] = None,
+                weight_bits: int = DEFAULT_WEIGHT_BITS):
     """``export(path)`` writes an fp32 file (``sd-zoo export``); quantize it to ``output`` and score both.
 
     Returns the export's report and the :class:`Int8Report` on ``data``'s test split (``limit`` images,
@@ -174,13 +192,14 @@ def export_int8(export: Callable[[Path], Any], output: Union[str, os.PathLike], 
     """
     if fp16:
         raise ConfigError('--int8 and --fp16 exclude each other: int8 quantizes the fp32 graph; choose one')
+    check_weight_bits(weight_bits)
     images = calibration_images(data, num_images)  # missing data fails before the export
     with tempfile.TemporaryDirectory(prefix='sd_zoo_int8_') as tmp:
         fp32_path = Path(tmp) / f'{Path(output).stem}.fp32.onnx'
         report = export(fp32_path)
         # Before anything is written to ``output``: weights of another class count cannot be scored on ``data``.
         check_fits_dataset(OnnxClassifier(fp32_path, threads=1), data, images.shape[1:])
-        quantize_int8(fp32_path, output, data, num_images, images)
+        quantize_int8(fp32_path, output, data, num_images, images, weight_bits)
         result = compare_on_test(fp32_path, output, data, limit, num_images)
     # The export report describes the checked fp32 graph; it now names the file that holds its int8 version.
     report.path, report.precision, report.size_bytes = str(output), 'fp32 -> int8', result.size_bytes
