@@ -9,7 +9,7 @@ from ..deploy import onnx_export
 from ..deploy.onnx_export import EXPORTERS, MIN_OPSET, export_onnx
 from ..deploy.quantize import CALIBRATION_IMAGES, DEFAULT_WEIGHT_BITS, WEIGHT_BITS, export_int8
 from ..errors import ConfigError
-from ..ranges import COUNT
+from ..ranges import COUNT, Bound
 from .args import add_model_arguments, add_number, model_args_of, parse_order
 
 
@@ -51,10 +51,10 @@ def add_parser(subparsers) -> None:
                                                          'order (default for importance: what the weights saw)')
     add_number(g, '--calibration-images', bound=COUNT, metavar='N',
                help=f'training images that calibrate --int8 (default {CALIBRATION_IMAGES})')
-    g.add_argument('--int8-weight-bits', type=int, choices=WEIGHT_BITS,
-                   help=f'range of the int8 weights (default {DEFAULT_WEIGHT_BITS}): 7 runs exactly and fast on every '
-                        'x86 CPU; 8 is for CPUs with VNNI and ARM (x86 CPUs without VNNI saturate it unless ONNX '
-                        'Runtime\'s session.x64quantprecision is set)')
+    add_number(g, '--int8-weight-bits', bound=Bound(min(WEIGHT_BITS), max(WEIGHT_BITS)), metavar='{7,8}',
+               help=f'range of the int8 weights (default {DEFAULT_WEIGHT_BITS}): 7 runs exactly and fast on every '
+                    'x86 CPU; 8 is for CPUs with VNNI and ARM (x86 CPUs without VNNI saturate it unless ONNX '
+                    'Runtime\'s session.x64quantprecision is set)')
     p.set_defaults(func=run)
 
 
