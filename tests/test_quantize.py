@@ -68,15 +68,12 @@ def test_pruned_int8_graph_loads_and_scores_close_to_fp32(tmp_path, real_data):
     # The pruned net's 13 convolutions (21 - 2 x 4), each fed by quantized activations and weights.
     assert ops['Conv'] == 13 and ops['QuantizeLinear'] >= 13 and ops['DequantizeLinear'] >= 2 * 13
     assert report.op_counts['Conv'] == 13
-    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    conv_weight_scales = [weights[n.input[1]] for n in proto.graph.node if n.op_type == 'DequantizeLinear'
-                          and weights.get(n.input[0]) is not None and weights[n.input[0]].ndim == 4]
+    conv_weights, conv_weight_scales = _conv_int8_weights_and_scales(proto)
     assert len(conv_weight_scales) == 13
     assert all(s.ndim == 1 and len(s) > 1 for s in conv_weight_scales)  # one scale per output channel
     # 7-bit weights by default, |w| <= 64: x86 CPUs without VNNI add two uint8 x int8 products in 16 bits, and
     # 2 x 255 x 64 < 2 ** 15 cannot saturate.
-    conv_weights = _conv_int8_weights(proto)
-    assert len(conv_weights) == 13 and all(w.dtype == np.int8 for w in conv_weights)
+    assert all(w.dtype == np.int8 for w in conv_weights)
     assert max(np.abs(w.astype(int)).max() for w in conv_weights) == 64  # the range is used, not exceeded
     clf = OnnxClassifier(out, threads=1)
     assert clf.metadata['precision'] == 'int8' and clf.metadata['quantization']['weight_bits'] == 7
@@ -91,11 +88,12 @@ def test_pruned_int8_graph_loads_and_scores_close_to_fp32(tmp_path, real_data):
     assert err == pytest.approx(int8.int8_top1_err)
 
 
-def _conv_int8_weights(proto):
-    """The int8 weight tensors that feed the convolutions of a QDQ graph."""
+def _conv_int8_weights_and_scales(proto):
+    """The int8 weight tensors that feed the convolutions of a QDQ graph, and their scales."""
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    return [weights[n.input[0]] for n in proto.graph.node if n.op_type == 'DequantizeLinear'
-            and weights.get(n.input[0]) is not None and weights[n.input[0]].ndim == 4]
+    dequantized = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+                   and weights.get(n.input[0]) is not None and weights[n.input[0]].ndim == 4]
+    return [weights[n.input[0]] for n in dequantized], [weights[n.input[1]] for n in dequantized]
 
 
 def test_8bit_weights_use_the_full_range_and_score_close_to_fp32_on_any_cpu(tmp_path, real_data):
@@ -104,7 +102,7 @@ def test_8bit_weights_use_the_full_range_and_score_close_to_fp32_on_any_cpu(tmp_
     out = tmp_path / 'full_int8_w8.onnx'
     export = partial(export_onnx, 'sd_resnet20.c10j75', pretrained=True)
     _, int8 = export_int8(export, out, 'cifar10-jpeg75', num_images=128, limit=300, weight_bits=8)
-    conv_weights = _conv_int8_weights(onnx.load(str(out)))
+    conv_weights, _ = _conv_int8_weights_and_scales(onnx.load(str(out)))
     assert len(conv_weights) == 21 and max(np.abs(w.astype(int)).max() for w in conv_weights) == 127
     clf = OnnxClassifier(out, threads=1)
     assert clf.metadata['quantization']['weight_bits'] == 8
