@@ -97,8 +97,9 @@ def _conv_int8_weights_and_scales(proto):
 
 
 def test_8bit_weights_use_the_full_range_and_score_close_to_fp32_on_any_cpu(tmp_path, real_data):
-    """8-bit weights saturate uint8 x int8 products on x86 CPUs without VNNI (measured there: 8 % of predictions
-    changed); OnnxClassifier's session computes them exactly, so the scores hold on every CPU."""
+    """8-bit weights saturate uint8 x int8 products on x86 CPUs without VNNI (there, without OnnxClassifier's
+    session option, this test fails); OnnxClassifier's session computes them exactly, so the scores hold on any
+    CPU."""
     out = tmp_path / 'full_int8_w8.onnx'
     export = partial(export_onnx, 'sd_resnet20.c10j75', pretrained=True)
     _, int8 = export_int8(export, out, 'cifar10-jpeg75', num_images=128, limit=300, weight_bits=8)

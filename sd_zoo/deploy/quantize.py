@@ -11,9 +11,9 @@ the number, when int8 loses more than ``LARGE_DROP`` points.
 
 Weights stay within +-64 by default (``weight_bits=7``, ONNX Runtime's ``reduce_range``): x86 CPUs without VNNI
 (AVX2, early AVX-512) add pairs of uint8 x int8 products in 16 bits, which saturate for 8-bit weights and
-silently changed 8 % of sd_resnet20's predictions on such a CPU (ONNX Runtime's ``session.x64quantprecision``,
-which :class:`OnnxClassifier` sets, computes them exactly there, but barely faster than fp32); 7-bit weights
-cannot saturate and keep int8's speed. ``weight_bits=8`` is for CPUs with VNNI and for ARM.
+silently change predictions on such a CPU (ONNX Runtime's ``session.x64quantprecision``, which
+:class:`OnnxClassifier` sets, computes them exactly there, but barely faster than fp32); 7-bit weights cannot
+saturate and keep int8's speed. ``weight_bits=8`` is for CPUs with VNNI and for ARM.
 """
 import logging
 import os
