@@ -695,3 +695,26 @@ def test_a_cifar100_fine_tune_of_published_weights_builds_checks_and_loads_from_
     card = (folder / 'README.md').read_text()
     assert 'CIFAR-100 (JPEG-75 copy)' in card and 'sd_resnet20.c100j75' in card
     assert json.loads((folder / 'config.json').read_text())['label_names'] == list(data.CIFAR100_CLASSES)
+
+
+def test_a_run_resumed_on_other_hardware_states_each_stretch_of_epochs_on_its_card(tmp_path):
+    run = make_run(tmp_path / 'run')
+    record = json.loads((run / 'run.json').read_text())
+    zen = dict(device='cpu', processor='Example CPU 3', threads=2, world_size=1, torch='2.14.1',
+               amp='none', precision='precision: fp32 (bf16 would be emulated on this cpu, which is slower)')
+    amx = dict(zen, processor='Example CPU 4', amp='bf16',
+               precision='precision: bf16 autocast (AMX computes bf16 natively)')
+    # Resumed twice on the first machine, then once on the second: consecutive parts alike are one stretch.
+    record['parts'] = [dict(zen, first_epoch=1), dict(zen, first_epoch=2), dict(amx, first_epoch=3)]
+    (run / 'run.json').write_text(json.dumps(record))
+    summary = json.loads((run / 'summary.json').read_text())
+    summary.update(final_epoch=4, config=dict(summary['config'], amp='auto', epochs=4))
+    (run / 'summary.json').write_text(json.dumps(summary))
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(dict(epoch=e, epoch_time_s=t)) + '\n'
+                                               for e, t in ((1, 800.0), (2, 900.0), (3, 150.0), (4, 140.0))))
+    card = (hub.build(run, out=tmp_path / 'hub', evaluate=False, pruning_rows=0) / 'README.md').read_text()
+    assert '| amp | `auto` |' in card
+    assert ('Training took 0.5 min: epochs 1–2 on cpu (Example CPU 3, 2 threads) in fp32 (bf16 would be emulated '
+            'on this cpu, which is slower), median 850 s per epoch of training, torch 2.14.1; epochs 3–4 on cpu '
+            '(Example CPU 4, 2 threads) in bf16 autocast (AMX computes bf16 natively), median 145 s per epoch of '
+            'training, torch 2.14.1.') in card

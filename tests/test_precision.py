@@ -30,8 +30,7 @@ def test_auto_takes_bf16_only_where_it_is_native_and_an_explicit_choice_is_honou
         assert f'({native} computes bf16 natively)' in why
 
 
-def test_a_resumed_bf16_run_names_the_native_hardware_as_its_start_did(monkeypatch):
-    """A resume passes the recorded 'bf16', not 'auto'; its run.json must not lose the reason."""
+def test_an_explicit_bf16_names_the_native_hardware_as_auto_does(monkeypatch):
     monkeypatch.setattr(train, 'native_bf16', lambda device: 'AMX')
     assert train.choose_precision('bf16', CPU) == train.choose_precision('auto', CPU)
 
@@ -84,3 +83,40 @@ def test_fifty_steps_in_bf16_end_with_the_loss_of_fp32(tmp_path):
     assert fp32['train_loss'] < 2.25 and bf16['train_loss'] < 2.25  # both trained
     assert abs(bf16['train_loss'] - fp32['train_loss']) < 0.02, (fp32['train_loss'], bf16['train_loss'])
     assert bf16['val_err'] < 85 and fp32['val_err'] < 85  # chance is 90 %
+
+
+@pytest.mark.parametrize('amp', ['auto', 'none'])
+def test_auto_is_chosen_again_when_a_run_resumes_on_other_hardware_and_each_part_is_recorded(tmp_path, monkeypatch,
+                                                                                              amp):
+    """``auto`` means "bf16 where it is native": a run started where bf16 is emulated goes on in bf16 on a
+    machine that computes it natively. An explicit choice holds for the whole run."""
+    need_data('cifar10-jpeg75')
+    out = tmp_path / 'run'
+    cfg = dict(model='sd_resnet20', data='cifar10-jpeg75', recipe='fast', train_subset=128, val_size=64,
+               test_subset=100, epochs=3, batch_size=64, num_threads=1, quiet=True, amp=amp, output=str(out))
+    used = []
+    real_step = train.train_step
+    monkeypatch.setattr(train, 'train_step', lambda *a: used.append(a[-1]) or real_step(*a))
+    real_write = train.atomic_write
+
+    def write_then_stop(path, write):  # the run stops once epoch 1 of 3 is saved
+        real_write(path, write)
+        if path.name == 'checkpoint.pt':
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'atomic_write', write_then_stop)
+    monkeypatch.setattr(train, 'native_bf16', lambda device: None)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(train, 'atomic_write', real_write)
+    monkeypatch.setattr(train, 'native_bf16', lambda device: 'AMX')
+    summary = train.train(dict(output=str(out), resume=True, quiet=True))
+    assert summary['config']['amp'] == amp and summary['final_epoch'] == 3
+    parts = json.loads((out / 'run.json').read_text())['parts']
+    assert [p['first_epoch'] for p in parts] == [1, 2]
+    if amp == 'auto':
+        assert used == [False] * 2 + [True] * 4  # 2 steps per epoch
+        assert [p['amp'] for p in parts] == ['none', 'bf16']
+        assert 'emulated' in parts[0]['precision'] and '(AMX computes bf16 natively)' in parts[1]['precision']
+    else:
+        assert used == [False] * 6 and [p['amp'] for p in parts] == ['none', 'none']
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['parts'] == parts

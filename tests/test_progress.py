@@ -45,3 +45,18 @@ def test_sd_zoo_progress_reads_a_run_folder(tmp_path, capsys):
     (run / 'summary.json').write_text('{}')
     assert run_progress(run)['finished'] and run_progress(run)['estimated_time_left_s'] == 0
     assert cli.main(['progress', str(run)]) == 0 and '(finished)' in capsys.readouterr().out
+
+
+def test_a_run_resumed_on_other_hardware_estimates_the_time_left_from_its_latest_part(tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    # Epochs 1-4 on a machine with native bf16 (100 s), then resumed on one without it (800 s).
+    parts = [dict(first_epoch=1, amp='bf16'), dict(first_epoch=5, amp='none')]
+    (run / 'run.json').write_text(json.dumps(dict(config=dict(epochs=10), parts=parts)))
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(_row(e, t, 50.0 - e)) + '\n' for e, t in
+                                               ((1, 100.0), (2, 100.0), (3, 100.0), (4, 100.0), (5, 800.0))))
+    p = run_progress(run)
+    assert p['quiet_epoch_time_s'] == 800 and p['estimated_time_left_s'] == 5 * 800
+    assert p['median_epoch_time_s'] == 100  # of the whole run
+    # Before the latest part has finished an epoch, the earlier parts are all there is to go on.
+    assert estimate([_row(e, 100.0, 50.0) for e in (1, 2)], 10, False, part_start=3)['estimated_time_left_s'] == 800

@@ -125,11 +125,29 @@ def _duration(seconds: Optional[float]) -> Optional[str]:
     return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
 
 
-def _median_epoch_seconds(run_dir: Path) -> Optional[float]:
-    """Median training time of one epoch (without evaluation) over the run's logged epochs: the median, since
-    epochs that shared the machine with other work take several times as long and would swamp a mean."""
-    times = [row['epoch_time_s'] for row in read_metrics(run_dir) if row.get('epoch_time_s')]
-    return statistics.median(times) if times else None
+# What a part of a run (its start, or a resume) records about the machine it trained on.
+PART_FACTS = ('device', 'processor', 'threads', 'world_size', 'precision', 'torch')
+
+
+def _training_parts(run_dir: Path, run_info: Dict[str, Any], final_epoch: Optional[int]) -> List[Dict[str, Any]]:
+    """Where and how each stretch of the run's epochs trained, with the median training time of one epoch
+    (without evaluation): the median, since epochs that shared the machine with other work take several
+    times as long and would swamp a mean. Consecutive parts with the same facts are one stretch. A run.json
+    older than ``parts`` describes the whole run in its top-level keys."""
+    recorded = run_info.get('parts') or ([dict(run_info, first_epoch=1)] if run_info else [])
+    stretches = []
+    for part in recorded:
+        facts = {k: part.get(k) for k in PART_FACTS}
+        facts['precision'] = (facts['precision'] or '').removeprefix('precision: ') or None
+        if not (stretches and {k: stretches[-1][k] for k in PART_FACTS} == facts):
+            stretches.append(dict(facts, first_epoch=part['first_epoch']))
+    times = [(row['epoch'], row['epoch_time_s']) for row in read_metrics(run_dir) if row.get('epoch_time_s')]
+    for stretch, after in zip(stretches, stretches[1:] + [None]):
+        stretch['last_epoch'] = after['first_epoch'] - 1 if after else final_epoch
+        end = after['first_epoch'] if after else math.inf
+        seconds = [t for epoch, t in times if stretch['first_epoch'] <= epoch < end]
+        stretch['epoch_s'] = statistics.median(seconds) if seconds else None
+    return stretches
 
 
 def _arch_title(arch: str) -> str:
@@ -147,6 +165,7 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
     cfg = model.pretrained_cfg
     params, macs = count_params_macs(model, tuple(cfg['input_size']))
     command, output = _reproduce_command(run_dir, run_info, config)
+    parts = _training_parts(run_dir, run_info, summary.get('final_epoch'))
     return dict(
         name=f'{arch}.{tag}', arch=arch, tag=tag, repo_id=cfg['hf_hub_id'],
         arch_title=_arch_title(arch), num_blocks=model.num_blocks,
@@ -156,17 +175,14 @@ def gather_facts(model, arch: str, tag: str, data_name: str, evaluation: Dict[st
         constant_depth=model.expected_depth == model.num_blocks, sha256=sha256,
         schedule_png=SCHEDULE_PNG, curves_png=CURVES_PNG if curves else None,
         val_size=config.get('val_size'), eval=evaluation,
-        recipe=recipe_rows(config, run_info.get('device'), run_info.get('precision')),
+        recipe=recipe_rows(config, amp_recorded=any(str(p['device']).startswith('cuda') or p['precision']
+                                                    for p in parts)),
         reproduce_command=command,
         run=dict(
             checkpoint=checkpoint_name, dir_name=output, best_val_epoch=summary.get('best_val_epoch'),
             final_epoch=summary.get('final_epoch'), test_err_at_best_val=summary.get('test_err_at_best_val'),
             final_test_err=summary.get('final_test_err'), test_subset=config.get('test_subset'),
-            total_time=_duration(summary.get('total_time_s')), device=run_info.get('device'),
-            world_size=run_info.get('world_size'), torch=run_info.get('torch'),
-            processor=run_info.get('processor'), threads=run_info.get('threads'),
-            precision=run_info.get('precision', '').removeprefix('precision: ') or None,
-            epoch_s=_median_epoch_seconds(run_dir)),
+            total_time=_duration(summary.get('total_time_s')), parts=parts),
         **_data_facts(data_name))
 
 

@@ -92,21 +92,20 @@ def expected_metrics(evaluation: Dict[str, float]) -> Dict[str, float]:
     return {metric: round_pct(ev[key]) for metric, (_, key) in METRICS.items() if ev.get(key) is not None}
 
 
-def recipe_rows(config: Dict[str, Any], device: Optional[str] = None, precision: Optional[str] = None
-                ) -> List[Tuple[str, Any]]:
+def recipe_rows(config: Dict[str, Any], amp_recorded: bool = False) -> List[Tuple[str, Any]]:
     """The training settings worth showing, in a stable order, skipping unset ones.
 
-    ``amp`` is shown where the run used what it records: CUDA runs, and runs that recorded the ``precision``
-    they chose (the trainer of older CPU runs ignored ``amp`` there, so such a card must not claim it).
+    ``amp`` is shown where the run used what it records (``amp_recorded``: CUDA runs, and runs that recorded
+    the precision they chose; the trainer of older CPU runs ignored ``amp`` there, so such a card must not
+    claim it).
     """
     keys = ('model', 'data', 'recipe', 'epochs', 'batch_size', 'lr', 'schedule', 'milestones', 'gamma',
             'warmup_epochs', 'momentum', 'nesterov', 'weight_decay', 'decay_norm_and_bias', 'label_smoothing',
             'amp', 'drop_path_rate', 'sd_schedule', 'sd_gate', 'sd_rule', 'val_size', 'train_subset', 'seed')
-    amp_used = str(device or '').startswith('cuda') or precision is not None
     rows = []
     for key in keys:
         value = config.get(key)
-        if value in (None, (), []) or key == 'amp' and not amp_used:
+        if value in (None, (), []) or key == 'amp' and not amp_recorded:
             continue
         if isinstance(value, (list, tuple)):
             value = ', '.join(str(v) for v in value)

@@ -4,7 +4,8 @@ The trainer rewrites ``progress.json`` in its output folder after every epoch; `
 computes the same from ``metrics.jsonl`` and ``run.json`` for any run, running, interrupted or finished.
 Epoch times on a shared machine vary several-fold with what else runs on it, so the time left is
 estimated from the fastest quarter of the epochs so far (what an epoch takes with the machine to itself);
-the median is given beside it.
+the median is given beside it. A run resumed on other hardware is estimated from the epochs of its latest
+part (``run.json``'s ``parts``) once it has finished one.
 """
 import json
 import math
@@ -24,12 +25,14 @@ def quiet_epoch_time(times: List[float]) -> float:
     return sum(fastest) / len(fastest)
 
 
-def estimate(rows: List[Dict], epochs: int, finished: bool) -> Dict:
-    """The progress of a run that plans ``epochs`` epochs and has finished ``rows`` (metrics.jsonl rows)."""
+def estimate(rows: List[Dict], epochs: int, finished: bool, part_start: int = 1) -> Dict:
+    """The progress of a run that plans ``epochs`` epochs and has finished ``rows`` (metrics.jsonl rows);
+    its latest part started with epoch ``part_start``."""
     times = [r['epoch_time_s'] for r in rows]
+    this_part = [r['epoch_time_s'] for r in rows if r['epoch'] >= part_start] or times
     measured = [r for r in rows if r.get('val_err') is not None]
     best = min(measured, key=lambda r: r['val_err'], default=None)
-    quiet = quiet_epoch_time(times) if times else None
+    quiet = quiet_epoch_time(this_part) if times else None
     done = rows[-1]['epoch'] if rows else 0
     return dict(
         epochs_done=done, epochs=epochs, finished=finished,
@@ -39,9 +42,9 @@ def estimate(rows: List[Dict], epochs: int, finished: bool) -> Dict:
         note=ESTIMATE_NOTE)
 
 
-def progress_record(run_dir, rows: List[Dict], epochs: int, finished: bool) -> Dict:
+def progress_record(run_dir, rows: List[Dict], epochs: int, finished: bool, part_start: int = 1) -> Dict:
     """:func:`estimate`, with the command that continues the run in ``run_dir`` while it is unfinished."""
-    progress = estimate(rows, epochs, finished)
+    progress = estimate(rows, epochs, finished, part_start)
     if not finished:
         progress['resume'] = f'sd-zoo train --resume --output {run_dir}'
     return progress
@@ -53,8 +56,10 @@ def run_progress(run_dir) -> Dict:
     record_path = run_dir / 'run.json'
     if not record_path.is_file():
         raise ConfigError(f'{run_dir} has no run.json: give the --output folder of an sd-zoo train run')
-    epochs = json.loads(record_path.read_text())['config']['epochs']
-    return progress_record(run_dir, read_metrics(run_dir), epochs, (run_dir / 'summary.json').is_file())
+    record = json.loads(record_path.read_text())
+    part_start = record['parts'][-1]['first_epoch'] if record.get('parts') else 1
+    return progress_record(run_dir, read_metrics(run_dir), record['config']['epochs'],
+                           (run_dir / 'summary.json').is_file(), part_start)
 
 
 def describe(progress: Dict) -> str:

@@ -14,7 +14,9 @@ every epoch with every RNG state; data order comes from (seed, epoch) and the lr
 ``--resume`` after a crash, even SIGKILL mid-epoch, ends with the same weights bit for bit on the same
 machine and thread count (CPU; cuDNN makes GPU runs reproducible only statistically); ``--resume --output
 DIR`` needs no other flag, as the checkpoint records the run's settings, and refuses any flag that disagrees
-with them (``RESUMABLE`` lists those that may change). ``--time-budget SECONDS`` fits the run into that
+with them (``RESUMABLE`` lists those that may change). ``--amp auto`` is chosen afresh at every start, so a
+run resumed on other hardware trains at that hardware's best; ``run.json``'s ``parts`` record where and in
+which precision each part of the run trained. ``--time-budget SECONDS`` fits the run into that
 wall-clock time (``sd_zoo.training.time_budget``). Under ``torchrun`` (DDP) ``--batch-size`` is the global batch
 and every rank draws the same gates, so all skip the same blocks (skipped blocks hand their parameters zero
 gradients: DDP needs no ``find_unused_parameters``).
@@ -145,7 +147,7 @@ def choose_precision(amp: str, device: torch.device) -> tuple:
         return 'bf16', f'precision: bf16 autocast ({native} computes bf16 natively)'
     if amp == 'auto':
         return 'none', f'precision: fp32 (bf16 would be emulated on this {device.type}, which is slower)'
-    if amp == 'bf16':  # a resumed run passes its recorded choice here, so it names the hardware as its start did
+    if amp == 'bf16':
         return 'bf16', f'precision: bf16 autocast (emulated on this {device.type}: expect it slower than fp32)'
     return 'none', 'precision: fp32'
 
@@ -293,7 +295,7 @@ def _as_flag_value(value) -> str:
 
 def _refuse_changed_settings(cfg: Dict, record: Dict, config: Dict, out: Path) -> None:
     """A ConfigError naming every setting of ``cfg`` that differs from the run's ``record``, outside
-    ``RESUMABLE``; each is shown as given (``config``), before ``--amp auto`` was resolved."""
+    ``RESUMABLE``; each is shown as given (``config``)."""
     keys = (set(cfg) | set(record)) - RESUMABLE
     # A setting newer than the checkpoint counts as its default there.
     changed = [f"{flag(k)} {_as_flag_value(cfg.get(k) if config.get(k) is None else config[k])} "
@@ -412,11 +414,12 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     say = print if main and not cfg['quiet'] else (lambda *a: None)
     if not cfg['resume'] and (ckpt_path.exists() or (out / 'final.safetensors').exists()):
         raise ConfigError(f'{out} already holds a run; pass --resume to continue it, or choose another --output')
-    # The run records the precision it really used, so that a resume elsewhere cannot silently switch it.
-    cfg['amp'], precision = choose_precision(cfg['amp'], device)
     if ckpt:
         _refuse_changed_settings(cfg, ckpt['config'], config, out)
-    use_amp, channels_last = cfg['amp'] == 'bf16', cfg['channels_last']
+    # ``auto`` is chosen afresh at every start, so a run resumed on other hardware goes at that hardware's
+    # speed; ``parts`` records what each part used. An explicit bf16 or none holds for the whole run.
+    amp, precision = choose_precision(cfg['amp'], device)
+    use_amp, channels_last = amp == 'bf16', cfg['channels_last']
 
     info = data.dataset_info(cfg['data'])
     loader, eval_sets = _load_data(cfg, info, device, rank, world_size)
@@ -438,7 +441,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     optimizer = build_optimizer(model, cfg)
     logits_fn_of = partial(model_logits_fn, mean=info.mean, std=info.std, channels_last=channels_last, amp=use_amp)
 
-    start_epoch, step, best, elapsed, commands, budget, deadline = 0, 0, None, 0.0, [], None, None
+    start_epoch, step, best, elapsed, commands, parts, budget, deadline = 0, 0, None, 0.0, [], [], None, None
     best_state = None  # --test-at-end: the best-validation weights, tested once the run ends
     if main:
         undo = None if ckpt else _undo_if_refused(out)  # notes what is there before the folder is taken
@@ -455,7 +458,7 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if device.type == 'cuda' and 'cuda' in ckpt['rng']:
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         # A resumed run keeps the plan its first part made, and has no deadline of its own.
-        commands, budget = list(ckpt['commands']), ckpt.get('time_budget')
+        commands, parts, budget = list(ckpt['commands']), list(ckpt.get('parts', [])), ckpt.get('time_budget')
     elif cfg['time_budget']:
         budget = _plan_time_budget(cfg, model, loader, eval_sets, logits_fn_of, device, use_amp, started, world_size)
         # The whole schedule (warm-up included) is compressed into the epochs that fit.
@@ -470,11 +473,11 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     history = [row for row in read_metrics(out) if row['epoch'] <= start_epoch] if start_epoch else []
     if main:
         commands.append(command or f'train({cfg!r})')
+        parts.append(dict(first_epoch=start_epoch + 1, amp=amp, precision=precision, device=str(device),
+                          processor=processor_name(device), threads=torch.get_num_threads(),
+                          world_size=world_size, torch=str(torch.__version__)))
         _write_json(out / 'run.json', dict(commands=commands, config=cfg, model_args=model.sd_config(),
-                                           init_from=weights_meta['init_from'], world_size=world_size,
-                                           device=str(device), processor=processor_name(device),
-                                           threads=torch.get_num_threads(), precision=precision,
-                                           torch=torch.__version__, time_budget=budget))
+                                           init_from=weights_meta['init_from'], parts=parts, time_budget=budget))
         atomic_write(out / 'metrics.jsonl', lambda p: p.write_text(''.join(json.dumps(r) + '\n' for r in history)))
     if cfg['compile']:
         compile_branches(model)
@@ -547,13 +550,14 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
         if main:
             with open(out / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
-            _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=False))
+            _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=False,
+                                                              part_start=start_epoch + 1))
             if improved:
                 save_weights(model, out / 'best.safetensors', cfg['model'], **weights_meta)
             if steps == steps_per_epoch:  # a cut-short epoch (--max-steps) cannot be resumed from
                 state = dict(
                     model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
-                    best=best, elapsed=elapsed, config=cfg, commands=commands, time_budget=budget,
+                    best=best, elapsed=elapsed, config=cfg, commands=commands, parts=parts, time_budget=budget,
                     **(dict(best_model=best_state) if best_state is not None else {}), rng=_rng_states(gate_generator, device))
                 atomic_write(ckpt_path, partial(torch.save, state))
             say(f"epoch {epoch + 1}/{cfg['epochs']}  loss {row['train_loss']:.4f}  train {_pct(row['train_err'])}  "
@@ -567,7 +571,8 @@ def _train(config: Dict, command: Optional[str], started: Optional[float], run_s
     summary = _summary(cfg, info, history, best, step, elapsed, model, budget, started)
     if main:
         _write_outputs(out, model, summary, weights_meta, say)
-        _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=True))
+        _write_json(out / 'progress.json', progress_record(out, history, cfg['epochs'], finished=True,
+                                                          part_start=start_epoch + 1))
     if cfg['debug_dump']:
         _write_debug_dump(Path(cfg['debug_dump']), rank, world_size, gates_log, model)
     if world_size > 1:
