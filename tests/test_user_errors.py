@@ -185,6 +185,16 @@ def _cases(tmp: Path):
          ['hub', 'push', _impostor(tmp), '--repo-id', f'sd-zoo/{HUB_FOLDER.name}', '--dry-run'],
          f'the file has {sha256_file(Path(_impostor(tmp)) / "model.safetensors")}: not the published weights of '
          f'{HUB_FOLDER.name}'),
+        # What argparse itself refuses: one line too, not its usage block.
+        ('an unknown command', ['trian'], "invalid choice: 'trian' (choose from 'train', "),
+        ('an unknown hub command', ['hub', 'frob'], "sd-zoo hub: error: argument HUB_COMMAND: invalid choice: 'frob'"),
+        ('train: an unknown --amp', TRAIN + ['--amp', 'fp8', '--output', out],
+         "argument --amp: invalid choice: 'fp8' (choose from 'none', 'bf16', 'auto') (see sd-zoo train --help)"),
+        ('export: a word for a number', ['export', '--model', 'sd_resnet20', '-o', str(tmp / 'm.onnx'),
+                                         '--opset', 'abc'], "argument --opset: invalid int value: 'abc'"),
+        ('eval: a required flag left out', ['eval', '--model', 'sd_resnet20.c10j75'],
+         'the following arguments are required: --data (see sd-zoo eval --help)'),
+        ('hub build: a required flag left out', ['hub', 'build'], 'sd-zoo hub build: error: the following arguments'),
     ]
 
 

@@ -15,11 +15,20 @@ from . import eval as eval_command  # not the builtin
 _COMMANDS = (train, progress, eval_command, export, validate, prune_curve, hub, demo, schedule, plot, timm_scripts)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, except that a mistake on the command line (an unknown choice, a missing or
+    malformed argument) ends in one line naming it, not in the usage block argparse prints first. The
+    subcommands' parsers, nested ones included, are of this class."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog='sd-zoo', description='Stochastic-depth ResNets as timm models: train, evaluate, export to ONNX, publish.')
     parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
-    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+    subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=OneLineParser)
     for command in _COMMANDS:
         command.add_parser(subparsers)
     return parser
@@ -30,7 +39,10 @@ def main(argv=None) -> int:
     # Filled as parsing goes, so that a number out of range (sd_zoo.cli.args), found while parsing, knows its command.
     args = argparse.Namespace()
     try:
-        parser.parse_args(argv, args)
+        try:
+            parser.parse_args(argv, args)
+        except SystemExit as e:  # --help, or a mistake OneLineParser has reported
+            return e.code
         if not getattr(args, 'func', None):
             parser.print_help()
             return 2
