@@ -15,7 +15,7 @@ def test_the_time_left_uses_the_fastest_quarter_of_epochs_so_far():
     rows = [_row(i + 1, t, 50 - i) for i, t in enumerate(times)]
     p = estimate(rows, epochs=20, finished=False)
     assert quiet_epoch_time(times) == 100  # the fastest 2 of 8
-    assert p['quiet_epoch_time_s'] == 100 and p['median_epoch_time_s'] == 115
+    assert p['quiet_epoch_time_s'] == 100 and p['median_epoch_time_s'] == 115 and p['quiet_since_epoch'] == 1
     assert p['epochs_done'] == 8 and p['estimated_time_left_s'] == 12 * 100
     assert (p['best_val_err'], p['best_val_epoch']) == (43, 8)
     assert quiet_epoch_time([7.0]) == 7.0 and quiet_epoch_time([4, 2, 9, 8, 6]) == 3  # ceil(5 / 4) = 2 epochs
@@ -57,6 +57,11 @@ def test_a_run_resumed_on_other_hardware_estimates_the_time_left_from_its_latest
                                                ((1, 100.0), (2, 100.0), (3, 100.0), (4, 100.0), (5, 800.0))))
     p = run_progress(run)
     assert p['quiet_epoch_time_s'] == 800 and p['estimated_time_left_s'] == 5 * 800
-    assert p['median_epoch_time_s'] == 100  # of the whole run
+    assert p['median_epoch_time_s'] == 100 and p['quiet_since_epoch'] == 5  # the median is of the whole run
+    # The line names the epochs the fastest quarter is of, which here is slower than the run's median.
+    assert cli.main(['progress', str(run)]) == 0
+    assert ('100 s per epoch (median; fastest quarter 800 s, of the epochs since the resume at epoch 5), '
+            'about 1.1 h left') in capsys.readouterr().out
     # Before the latest part has finished an epoch, the earlier parts are all there is to go on.
-    assert estimate([_row(e, 100.0, 50.0) for e in (1, 2)], 10, False, part_start=3)['estimated_time_left_s'] == 800
+    before = estimate([_row(e, 100.0, 50.0) for e in (1, 2)], 10, False, part_start=3)
+    assert before['estimated_time_left_s'] == 800 and before['quiet_since_epoch'] == 1

@@ -16,7 +16,8 @@ from typing import Dict, List
 from ..errors import ConfigError
 from ..evaluation.metrics_plot import read_metrics
 
-ESTIMATE_NOTE = 'epoch times vary with what else shares the machine; the estimate uses the fastest quarter of epochs'
+ESTIMATE_NOTE = ('epoch times vary with what else shares the machine; the estimate uses the fastest quarter of '
+                 'the epochs since quiet_since_epoch (the latest resume, which may run on other hardware)')
 
 
 def quiet_epoch_time(times: List[float]) -> float:
@@ -29,7 +30,10 @@ def estimate(rows: List[Dict], epochs: int, finished: bool, part_start: int = 1)
     """The progress of a run that plans ``epochs`` epochs and has finished ``rows`` (metrics.jsonl rows);
     its latest part started with epoch ``part_start``."""
     times = [r['epoch_time_s'] for r in rows]
-    this_part = [r['epoch_time_s'] for r in rows if r['epoch'] >= part_start] or times
+    this_part = [r['epoch_time_s'] for r in rows if r['epoch'] >= part_start]
+    # The first epoch whose time the estimate uses: the latest part's, or the run's while that part has none.
+    since = part_start if this_part else (rows[0]['epoch'] if rows else 1)
+    this_part = this_part or times
     measured = [r for r in rows if r.get('val_err') is not None]
     best = min(measured, key=lambda r: r['val_err'], default=None)
     quiet = quiet_epoch_time(this_part) if times else None
@@ -38,6 +42,7 @@ def estimate(rows: List[Dict], epochs: int, finished: bool, part_start: int = 1)
         epochs_done=done, epochs=epochs, finished=finished,
         best_val_err=best and best['val_err'], best_val_epoch=best and best['epoch'],
         median_epoch_time_s=statistics.median(times) if times else None, quiet_epoch_time_s=quiet,
+        quiet_since_epoch=since,
         estimated_time_left_s=0 if finished else (round((epochs - done) * quiet) if quiet else None),
         note=ESTIMATE_NOTE)
 
@@ -63,14 +68,17 @@ def run_progress(run_dir) -> Dict:
 
 
 def describe(progress: Dict) -> str:
-    """One line: epochs, best validation error, epoch times, time left."""
+    """One line: epochs, best validation error, epoch times (the median of all; the fastest quarter of those
+    the estimate uses, named where that is only the latest part's), time left."""
     p = progress
     parts = [f"epoch {p['epochs_done']} of {p['epochs']}" + (' (finished)' if p['finished'] else '')]
     if p['best_val_err'] is not None:
         parts.append(f"best validation error {p['best_val_err']:.2f} % (epoch {p['best_val_epoch']})")
     if p['median_epoch_time_s'] is not None:
+        since = p.get('quiet_since_epoch', 1)
+        of = f', of the epochs since the resume at epoch {since}' if since > 1 else ''
         parts.append(f"{p['median_epoch_time_s']:.0f} s per epoch (median; fastest quarter "
-                     f"{p['quiet_epoch_time_s']:.0f} s)")
+                     f"{p['quiet_epoch_time_s']:.0f} s{of})")
     if not p['finished'] and p['estimated_time_left_s'] is not None:
         parts.append(f"about {p['estimated_time_left_s'] / 3600:.1f} h left")
     return ', '.join(parts)
